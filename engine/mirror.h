@@ -1,0 +1,91 @@
+// Mirror: copies every repository under a source namespace to one or more targets, exactly
+// (manifests byte for byte, blobs verified by sha256 before their final PUT), in the order the
+// invariants require: blobs, then child manifests, then the index, the tag last.
+//
+// Blobs pass through a spool directory on disk (read from the source once per run, whatever the
+// number of repositories and targets needing them), so memory stays bounded by buffers.
+//
+// Threading: run_mirror() owns its own loop and runs it on the calling thread until done.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <re2/re2.h>
+
+#include "engine/auth_parse.h"
+#include "engine/reference.h"
+#include "netio/result.h"
+
+namespace engine {
+
+enum class TypeFilter { all, image, helm };
+
+// Compiled, validated user filters. Empty pattern = match everything. Full match (RE2).
+struct Filters {
+    std::shared_ptr<RE2> repo;  // null = all
+    std::shared_ptr<RE2> tag;   // null = all
+    TypeFilter type = TypeFilter::all;
+};
+// Errors name the flag and what is wrong with the regular expression.
+netio::Result<Filters> compile_filters(const std::string& repo_regex, const std::string& tag_regex,
+                                       const std::string& type);
+
+struct MirrorOptions {
+    RegistryRef source;
+    std::vector<RegistryRef> targets;
+    Filters filters;
+    std::optional<std::string> target_namespace;  // overrides each target's namespace
+    bool overwrite = false;
+    bool dry_run = false;
+    bool insecure = false;
+    std::string ca_file;
+    std::optional<Credentials> source_credentials;  // from flags; else looked up in auth files
+    std::optional<Credentials> target_credentials;
+    std::vector<std::string> auth_files;            // docker config.json / auth.json, in order
+    unsigned jobs = 4;
+    bool fail_fast = false;
+    std::string spool_dir;                          // empty: a temporary directory, removed at the end
+    uint64_t spool_cap_bytes = 8ull << 30;          // unpinned spooled blobs are evicted above this
+    uint64_t chunk_size_bytes = 64u << 20;          // uploads above this use PATCH chunks
+    bool progress_tty = false;                      // a live status line on `log`
+    FILE* log = stderr;                             // progress and log lines; nullptr = quiet
+};
+
+struct MirrorItem {
+    std::string target;      // "host:port/namespace"
+    std::string repository;  // relative to the namespace
+    std::string tag;
+    std::string digest;
+    std::string type;        // image | helm
+    std::string action;      // copied | skipped | failed | would-copy
+    std::string reason;
+    uint64_t bytes = 0;      // blob bytes uploaded (or that would be) for this item
+};
+
+struct MirrorSummary {
+    bool dry_run = false;
+    size_t repositories = 0;
+    size_t copied = 0;
+    size_t skipped = 0;
+    size_t failed = 0;
+    uint64_t bytes_copied = 0;
+    uint64_t bytes_read_source = 0;
+    size_t blobs_uploaded = 0;
+    size_t blobs_mounted = 0;
+    size_t blobs_existing = 0;
+    double duration_s = 0;
+    std::vector<std::string> errors;  // failures not tied to one artifact (source unreachable, ...)
+    std::vector<MirrorItem> items;
+
+    bool ok() const noexcept { return failed == 0 && errors.empty(); }
+    std::string to_json() const;
+};
+
+MirrorSummary run_mirror(const MirrorOptions& opts);
+
+}  // namespace engine

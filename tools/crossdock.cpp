@@ -1,0 +1,171 @@
+// crossdock: one binary, subcommands. Argument parsing and wiring only.
+#include <mimalloc.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "engine/auth_parse.h"
+#include "engine/mirror.h"
+#include "engine/reference.h"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+
+int usage_error(const std::string& msg) {
+    std::fprintf(stderr, "crossdock: %s\n", msg.c_str());
+    return kExitUsage;
+}
+
+// "user:password" -> Credentials; the password may itself contain ':'.
+std::optional<engine::Credentials> parse_creds(const std::string& s) {
+    auto colon = s.find(':');
+    if (colon == std::string::npos || colon == 0) return std::nullopt;
+    engine::Credentials c;
+    c.username = s.substr(0, colon);
+    c.password = s.substr(colon + 1);
+    return c;
+}
+
+std::string format_bytes(uint64_t b) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = static_cast<double>(b);
+    int u = 0;
+    while (v >= 1024 && u < 4) {
+        v /= 1024;
+        ++u;
+    }
+    char buf[32];
+    std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
+    return buf;
+}
+
+struct MirrorArgs {
+    std::vector<std::string> refs;
+    std::string repo_regex, tag_regex, type = "all", target_namespace, ca_file, src_creds, dest_creds, authfile,
+        spool_dir;
+    bool overwrite = false, dry_run = false, insecure = false, json = false, fail_fast = false, quiet = false;
+    unsigned jobs = 4;
+    uint64_t chunk_mib = 64;
+};
+
+int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
+    if (a.refs.size() < 2) return usage_error("mirror needs a SOURCE and at least one TARGET");
+    // Every check that can fail on user input runs before any work.
+    auto filters = engine::compile_filters(a.repo_regex, a.tag_regex, a.type);
+    if (!filters.ok()) return usage_error(filters.error().message);
+    engine::MirrorOptions o;
+    auto src = engine::parse_registry_ref(a.refs[0]);
+    if (!src.ok()) return usage_error("SOURCE '" + a.refs[0] + "': " + src.error().message);
+    o.source = src.value();
+    for (size_t i = 1; i < a.refs.size(); ++i) {
+        auto t = engine::parse_registry_ref(a.refs[i]);
+        if (!t.ok()) return usage_error("TARGET '" + a.refs[i] + "': " + t.error().message);
+        o.targets.push_back(t.value());
+    }
+    if (target_namespace_given) {
+        auto ns = engine::parse_registry_ref("x/" + a.target_namespace);
+        if (!a.target_namespace.empty() && !ns.ok())
+            return usage_error("--target-namespace '" + a.target_namespace + "': " + ns.error().message);
+        o.target_namespace = a.target_namespace;
+    }
+    if (!a.src_creds.empty()) {
+        o.source_credentials = parse_creds(a.src_creds);
+        if (!o.source_credentials) return usage_error("--src-creds must be USER:PASSWORD");
+    }
+    if (!a.dest_creds.empty()) {
+        o.target_credentials = parse_creds(a.dest_creds);
+        if (!o.target_credentials) return usage_error("--dest-creds must be USER:PASSWORD");
+    }
+    if (!a.authfile.empty()) {
+        if (::access(a.authfile.c_str(), R_OK) != 0) return usage_error("--authfile " + a.authfile + ": cannot be read");
+        o.auth_files.push_back(a.authfile);
+    }
+    for (auto& f : engine::default_auth_files()) o.auth_files.push_back(f);
+    if (a.jobs == 0 || a.jobs > 256) return usage_error("--jobs must be between 1 and 256");
+    if (a.chunk_mib == 0 || a.chunk_mib > 4096) return usage_error("--chunk-size must be between 1 and 4096 MiB");
+    o.filters = filters.value();
+    o.overwrite = a.overwrite;
+    o.dry_run = a.dry_run;
+    o.insecure = a.insecure;
+    o.ca_file = a.ca_file;
+    o.jobs = a.jobs;
+    o.fail_fast = a.fail_fast;
+    o.spool_dir = a.spool_dir;
+    o.chunk_size_bytes = a.chunk_mib << 20;
+    o.log = a.quiet ? nullptr : stderr;
+    o.progress_tty = !a.quiet && ::isatty(STDERR_FILENO);
+
+    engine::MirrorSummary s = engine::run_mirror(o);
+
+    if (a.json) std::printf("%s\n", s.to_json().c_str());
+    for (const auto& e : s.errors) std::fprintf(stderr, "error: %s\n", e.c_str());
+    for (const auto& it : s.items)
+        if (it.action == "failed")
+            std::fprintf(stderr, "failed: %s:%s -> %s: %s\n", it.repository.c_str(), it.tag.c_str(), it.target.c_str(),
+                         it.reason.c_str());
+    std::fprintf(stderr, "%s%zu repositories, %zu %s, %zu skipped, %zu failed; %s uploaded (%zu blobs, %zu mounted, %zu already there), %s read from the source in %.1f s\n",
+                 s.dry_run ? "dry run: " : "", s.repositories, s.copied, s.dry_run ? "would be copied" : "copied",
+                 s.skipped, s.failed, format_bytes(s.bytes_copied).c_str(), s.blobs_uploaded, s.blobs_mounted,
+                 s.blobs_existing, format_bytes(s.bytes_read_source).c_str(), s.duration_s);
+    if (s.dry_run) {
+        uint64_t would = 0;
+        for (const auto& it : s.items) would += it.bytes;
+        std::fprintf(stderr, "dry run: %s of blobs would be uploaded; nothing was written\n", format_bytes(would).c_str());
+    }
+    return s.ok() ? kExitOk : kExitFailed;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    (void)mi_version();  // mimalloc is the process allocator (linked --no-as-needed)
+    CLI::App app{"crossdock: replicate container-registry content between registries"};
+    app.set_version_flag("--version", "crossdock 0.1.0");
+    app.require_subcommand(1);
+
+    MirrorArgs m;
+    auto* mirror = app.add_subcommand("mirror", "Copy every repository under SOURCE's namespace to each TARGET");
+    mirror->add_option("refs", m.refs, "SOURCE TARGET [TARGET...], each host[:port]/namespace")->required()->expected(2, -1);
+    mirror->add_option("--repo", m.repo_regex, "RE2 regex, full match on the repository path below the namespace");
+    mirror->add_option("--tag", m.tag_regex, "RE2 regex, full match on the tag");
+    mirror->add_option("--type", m.type, "image, helm or all")->check(CLI::IsMember({"image", "helm", "all"}));
+    auto* tns = mirror->add_option("--target-namespace", m.target_namespace, "namespace on every target (default: each TARGET's)");
+    mirror->add_flag("--overwrite", m.overwrite, "replace target tags that hold other content");
+    mirror->add_flag("--dry-run", m.dry_run, "report what would be copied and how many bytes; write nothing");
+    mirror->add_flag("--insecure", m.insecure, "allow plain HTTP and skip TLS verification");
+    mirror->add_option("--ca-file", m.ca_file, "PEM bundle of extra CAs to trust")->check(CLI::ExistingFile);
+    mirror->add_option("--src-creds", m.src_creds, "USER:PASSWORD for the source");
+    mirror->add_option("--dest-creds", m.dest_creds, "USER:PASSWORD for the targets");
+    mirror->add_option("--authfile", m.authfile, "docker config.json / auth.json with credentials");
+    mirror->add_option("--jobs,-j", m.jobs, "artifacts and blobs in flight at once")->capture_default_str();
+    mirror->add_option("--chunk-size", m.chunk_mib, "MiB per PATCH when uploading large blobs")->capture_default_str();
+    mirror->add_option("--spool-dir", m.spool_dir, "directory for blobs in transit (default: a temporary directory)");
+    mirror->add_flag("--json", m.json, "print a JSON summary on stdout");
+    mirror->add_flag("--fail-fast", m.fail_fast, "stop at the first failed artifact");
+    mirror->add_flag("--quiet,-q", m.quiet, "no progress or log lines");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        app.exit(e);
+        return kExitUsage;
+    }
+    try {
+        if (mirror->parsed()) return run_mirror(m, tns->count() > 0);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "crossdock: %s\n", e.what());
+        return kExitFailed;
+    }
+    return kExitUsage;
+}
