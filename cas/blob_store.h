@@ -27,9 +27,14 @@
 // set-up, not the data path); chunks that fail are dropped. acquire() of that digest then returns
 // a partial whose missing_ranges() exclude the verified chunks. A filler that gives up calls
 // Blob::fail(): its verified chunks stay on disk, and the next acquire() resumes from them.
+// Neither .data nor .meta is fsync'ed before the commit: every record is re-checked against the
+// data on the next start, so a lost write costs a re-fetch, never a wrong byte. Files in
+// blobs/sha256/ are trusted on start (they were verified before the rename), not re-hashed.
 //
 // Single flight. acquire() makes the first caller for a digest that is not committed the filler;
 // concurrent callers share the same Blob and follow its watermark (when_available / available).
+// The filler must end in a commit (all missing ranges written) or in fail(): a partial Blob whose
+// filler just dropped its BlobRef keeps its readers waiting.
 //
 // Cache size. Committed blobs are accounted in used_bytes(); after a commit or an acquire, while
 // the committed bytes plus the sizes of blobs being filled exceed cap_bytes, the least recently
@@ -116,8 +121,9 @@ public:
     void write(uint64_t offset, std::span<const char> data, std::function<void(netio::Status)> done);
     // The filler gives up: the blob goes to failed with `err`, waiting readers are woken, writes
     // still in flight complete with an error. Verified chunks stay on disk; the next acquire()
-    // of the digest resumes from them. Ignored once the blob is complete (commit in progress) or
-    // no longer partial.
+    // of the digest resumes from them (readers of this Blob must acquire() again to follow the
+    // new one; that new partial seals no chunk until this Blob's last write has landed). Ignored
+    // once the blob is complete (commit in progress) or no longer partial.
     void fail(netio::Error err);
 
     // ---- readers (uploads following the watermark) ----

@@ -407,14 +407,17 @@ void CurlMulti::Impl::pump() {
             DoneCallback cb = std::move(it->second.on_done);
             const CURLcode result = it->second.result;
             entries.erase(it);
+            const std::weak_ptr<int> token = alive;
             try {
                 if (cb) cb(result);
             } catch (...) {
+                if (token.expired()) throw;
                 // Keep the rest for the next pump, then let the exception reach run_once's caller.
                 dones.insert(dones.begin(), work.begin() + static_cast<std::ptrdiff_t>(i + 1), work.end());
                 if (!dones.empty()) schedule_pump();
                 throw;
             }
+            if (token.expired()) return;  // the callback destroyed this CurlMulti
         }
     }
 }

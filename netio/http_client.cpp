@@ -117,6 +117,8 @@ struct HttpClient::Impl {
         std::optional<Error> error;    // set by our callbacks (sink, source, body limit)
         char errbuf[CURL_ERROR_SIZE] = {};
 
+        ~Transfer() { easy.reset(); }  // the handle goes before the buffers and lists it points to
+
         std::string what() const { return method + " " + redact_url(url); }
         void fail(std::string msg, std::error_code ec = std::make_error_code(std::errc::io_error)) {
             if (!error) error = Error{ec, what() + ": " + msg};

@@ -575,8 +575,8 @@ void UringLoop::run_once(std::chrono::milliseconds max_wait) {
     d.run_timers();
     d.run_deferred();
     if (!d.wake_armed) d.arm_wake();
-    // Anything the callbacks queued (polls, removes) goes to the kernel now, not a turn later.
-    io_uring_submit(&d.ring);
+    // What the callbacks queued goes to the kernel with the next turn's wait (one syscall);
+    // cancels were submitted at once.
 }
 
 // stop() is sticky: once called, run_until returns at once (run_once still works, for draining).

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -727,5 +728,86 @@ TEST_F(HttpClientTest, DestroyingTheClientAbortsWithoutCallbacks) {
     client.reset();
     run_for(loop, 30ms);
     EXPECT_EQ(calls, before);
+    EXPECT_EQ(loop.pending_ops(), 0u);
+}
+
+namespace {
+double thread_cpu_ms() {
+    rusage ru{};
+    ::getrusage(RUSAGE_THREAD, &ru);
+    return (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e3 + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e3;
+}
+}  // namespace
+
+// The loop must sleep, not spin, while transfers wait: on a silent server, on a paused sink and
+// on a paused body source.
+TEST_F(HttpClientTest, WaitingTransfersDoNotSpinTheLoop) {
+    // Silent server.
+    Request stall = get(server.url("/stall"));
+    stall.timeout_ms = 400;
+    double cpu0 = thread_cpu_ms();
+    auto r = fetch(std::move(stall));
+    ASSERT_FALSE(r.ok());
+    EXPECT_LT(thread_cpu_ms() - cpu0, 100.0) << "stalled GET";
+
+    // Paused sink, resumed after 400 ms.
+    VerifySink sink(8);
+    sink.pause_every = 100000;
+    TransferId id = 0;
+    bool resumed = false;
+    sink.on_full = [&] {
+        loop.add_timer(400ms, [&] {
+            resumed = true;
+            sink.pause_every = 0;  // once is enough
+            client->resume(id);
+        });
+    };
+    std::optional<Result<Response>> out;
+    cpu0 = thread_cpu_ms();
+    id = client->start(get(server.url("/bytes?n=1000000&seed=8")), &sink,
+                       [&](Result<Response> res) { out.emplace(std::move(res)); });
+    ASSERT_TRUE(run_until(loop, [&] { return out.has_value(); }, 5s));
+    ASSERT_TRUE(out->ok()) << out->error().message;
+    EXPECT_FALSE(sink.mismatch);
+    EXPECT_EQ(sink.received, 1000000u);
+    EXPECT_TRUE(resumed);
+    EXPECT_LT(thread_cpu_ms() - cpu0, 100.0) << "paused sink";
+
+    // Paused body source, resumed after 400 ms.
+    auto src = std::make_shared<PatternSource>(9, 2000000);
+    src->pause_every = 500000;
+    bool src_resumed = false;
+    src->on_pause = [&] {
+        loop.add_timer(400ms, [&] {
+            src_resumed = true;
+            src->pause_every = 0;
+            client->resume(id);
+        });
+    };
+    Request put;
+    put.method = "PUT";
+    put.url = server.url("/upload");
+    put.body_source = src;
+    out.reset();
+    cpu0 = thread_cpu_ms();
+    id = client->start(std::move(put), nullptr, [&](Result<Response> res) { out.emplace(std::move(res)); });
+    ASSERT_TRUE(run_until(loop, [&] { return out.has_value(); }, 5s));
+    ASSERT_TRUE(out->ok()) << out->error().message;
+    EXPECT_EQ((*out)->body.rfind("len=2000000 fnv=" + hex16(pattern_fnv(9, 2000000)), 0), 0u) << (*out)->body;
+    EXPECT_TRUE(src_resumed);
+    EXPECT_LT(thread_cpu_ms() - cpu0, 100.0) << "paused source";
+}
+
+TEST_F(HttpClientTest, DestroyingTheClientFromItsOwnCallback) {
+    int calls = 0;
+    for (int i = 0; i < 3; ++i) {
+        client->start(get(server.url("/bytes?n=10")), nullptr, [&](Result<Response>) {
+            ++calls;
+            client.reset();  // the other transfers' callbacks must not run
+        });
+    }
+    ASSERT_TRUE(run_until(loop, [&] { return calls > 0; }, 5s));
+    run_for(loop, 30ms);
+    EXPECT_EQ(calls, 1);
     EXPECT_EQ(loop.pending_ops(), 0u);
 }
