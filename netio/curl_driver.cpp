@@ -2,7 +2,6 @@
 
 #include <poll.h>
 
-#include <cassert>
 #include <memory>
 #include <mutex>
 #include <stdexcept>

@@ -198,6 +198,10 @@ std::optional<Error> HttpClient::Impl::configure(Transfer& t, Request& req) {
     set(CURLOPT_PRIVATE, static_cast<void*>(&t));
     set(CURLOPT_ERRORBUFFER, t.errbuf);
     set(CURLOPT_NOSIGNAL, 1L);
+    // HTTP/1.1 also over TLS: the planner sizes parallel streams per blob as separate TCP
+    // connections (HTTP/2 would multiplex them onto one), and pausing (back-pressure) is what
+    // NETIO-RECIPE.md verified on HTTP/1.1.
+    set(CURLOPT_HTTP_VERSION, static_cast<long>(CURL_HTTP_VERSION_1_1));
     set(CURLOPT_TCP_NODELAY, 1L);
     set(CURLOPT_TCP_KEEPALIVE, 1L);
     set(CURLOPT_BUFFERSIZE, kRecvBufferBytes);

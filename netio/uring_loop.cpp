@@ -1,13 +1,11 @@
 #include "netio/uring_loop.h"
 
 #include <liburing.h>
-#include <poll.h>
 #include <sys/eventfd.h>
 
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
-#include <climits>
 #include <string>
 #include <system_error>
 #include <utility>

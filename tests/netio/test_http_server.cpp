@@ -399,6 +399,8 @@ void TestHttpServer::serve(int fd) {
                     left -= k;
                 }
             }
+            // then_close=1: drop the connection silently after the response (no "Connection: close").
+            if (query_param(req.target, "then_close") == "1") return;
         } else if (path == "/redirect") {
             std::string to = query_param(req.target, "to");
             if (to.empty()) to = "/redirect";

@@ -2,7 +2,8 @@
 // per connection, keep-alive. It counts accepted connections so tests can check connection reuse.
 //
 // Routes (any method unless noted; HEAD answers like GET without the body):
-//   /bytes?n=N&seed=S          N pattern bytes (pattern_byte); honours "Range: bytes=a-b" (206)
+//   /bytes?n=N&seed=S          N pattern bytes (pattern_byte); honours "Range: bytes=a-b" (206);
+//                              with then_close=1 the connection is closed afterwards, unannounced
 //   /redirect?to=URL&code=C    C (default 302) with Location: URL (percent-decoded; default: itself)
 //                              and a small body
 //   /echo-headers              the request headers, one "lowercased-name: value\n" per line
