@@ -14,7 +14,9 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "cas/blob_store.h"
 #include "cas/digest.h"
+#include "engine/blob_transfer.h"
 #include "engine/manifest.h"
 #include "engine/registry_client.h"
 #include "netio/task.h"
@@ -66,6 +68,7 @@ std::string MirrorSummary::to_json() const {
     j["blobs_uploaded"] = blobs_uploaded;
     j["blobs_mounted"] = blobs_mounted;
     j["blobs_existing"] = blobs_existing;
+    j["blobs_from_cache"] = blobs_from_cache;
     j["duration_s"] = duration_s;
     j["errors"] = errors;
     auto& arr = j["items"] = nlohmann::json::array();
@@ -111,61 +114,6 @@ struct Flight {
     }
 };
 
-// Writes a blob's body to a spool file, hashing it as it arrives; non-2xx bodies are kept (bounded)
-// for the error message instead.
-class SpoolSink final : public netio::BodySink {
-public:
-    SpoolSink(int fd, uint64_t expected) : fd_(fd), expected_(expected) {}
-
-    bool on_response_head(long status, const netio::Headers&) noexcept override {
-        status_ = status;
-        return true;
-    }
-    netio::Offer offer(std::span<const char> data) noexcept override {
-        if (status_ != 200 && status_ != 206) {
-            if (error_body_.size() < 65536) error_body_.append(data.data(), std::min<size_t>(data.size(), 65536));
-            return netio::Offer::taken;
-        }
-        if (bytes_ + data.size() > expected_) {
-            overflow_ = true;
-            return netio::Offer::error;  // the registry sends more than the manifest says
-        }
-        size_t done = 0;
-        while (done < data.size()) {
-            ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(bytes_ + done));
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                write_errno_ = errno;
-                return netio::Offer::error;
-            }
-            done += static_cast<size_t>(n);
-        }
-        hasher_.update(data);
-        bytes_ += data.size();
-        return netio::Offer::taken;
-    }
-
-    long status_ = 0;
-    uint64_t bytes_ = 0;
-    bool overflow_ = false;
-    int write_errno_ = 0;
-    std::string error_body_;
-    cas::Sha256 hasher_;
-
-private:
-    int fd_;
-    uint64_t expected_;
-};
-
-struct SpoolEntry {
-    Flight flight;
-    netio::UniqueFd fd;
-    std::string path;
-    uint64_t size = 0;
-    unsigned pins = 0;
-    uint64_t last_use = 0;
-};
-
 struct Target {
     RegistryRef ref;
     std::string label;  // host/ns for messages
@@ -183,7 +131,7 @@ public:
     MirrorSummary run() {
         auto t0 = std::chrono::steady_clock::now();
         summary_.dry_run = opts_.dry_run;
-        if (!setup_spool()) return finish(t0);
+        if (!setup_cache()) return finish(t0);
         netio::OpId progress_timer;
         if (opts_.progress_tty && opts_.log) progress_timer = schedule_progress();
         netio::run_blocking(loop_, main_task());
@@ -201,34 +149,39 @@ private:
             else if (it.action == "failed") ++summary_.failed;
         }
         summary_.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        spool_.clear();
-        if (remove_spool_dir_) {
+        failed_blobs_.clear();
+        cas_.reset();
+        if (remove_cache_dir_) {
             std::error_code ec;
-            std::filesystem::remove_all(opts_.spool_dir.empty() ? spool_dir_ : opts_.spool_dir, ec);
+            std::filesystem::remove_all(cache_dir_, ec);
         }
         return std::move(summary_);
     }
 
-    bool setup_spool() {
+    bool setup_cache() {
         std::error_code ec;
-        if (opts_.spool_dir.empty()) {
+        if (opts_.cache_dir.empty()) {
             auto base = std::filesystem::temp_directory_path(ec);
             if (ec) base = "/tmp";
-            std::string tmpl = (base / "crossdock-spool-XXXXXX").string();
+            std::string tmpl = (base / "crossdock-cache-XXXXXX").string();
             if (!::mkdtemp(tmpl.data())) {
-                summary_.errors.push_back("cannot create a spool directory under " + base.string() + ": " +
+                summary_.errors.push_back("cannot create a cache directory under " + base.string() + ": " +
                                           std::strerror(errno));
                 return false;
             }
-            spool_dir_ = tmpl;
-            remove_spool_dir_ = true;
+            cache_dir_ = tmpl;
+            remove_cache_dir_ = true;
         } else {
-            spool_dir_ = opts_.spool_dir;
-            std::filesystem::create_directories(spool_dir_, ec);
-            if (ec) {
-                summary_.errors.push_back("cannot create spool directory " + spool_dir_ + ": " + ec.message());
-                return false;
-            }
+            cache_dir_ = opts_.cache_dir;
+        }
+        try {
+            cas::BlobStoreOptions co;
+            co.dir = cache_dir_;
+            co.cap_bytes = opts_.cache_cap_bytes;
+            cas_ = std::make_unique<cas::BlobStore>(loop_, co);
+        } catch (const std::exception& e) {
+            summary_.errors.push_back("cannot open the blob cache in " + cache_dir_ + ": " + e.what());
+            return false;
         }
         return true;
     }
@@ -345,6 +298,7 @@ private:
             netio::spawn(guarded(scan_repo(rel, wg), wg));
         }
         co_await wg.wait();
+        co_await fills_.wait();  // every download has settled before the cache is closed
     }
 
     // Runs `t`; an exception (a bug, or bad_alloc) becomes a global error, never a crash.
@@ -549,7 +503,7 @@ private:
     }
 
     // Makes sure `dst_repo` on `t` has the blob: already there, mounted from another repository of
-    // the same target, or uploaded from the spool (fetched from the source once).
+    // the same target, or uploaded from the cache (fetched from the source once).
     Task<netio::Status> ensure_blob(Target& t, std::string src_repo, std::string dst_repo, Descriptor b,
                                     uint64_t& bytes) {
         const std::string key = dst_repo + "@" + b.digest;
@@ -596,119 +550,72 @@ private:
 
         co_await blob_sem_.acquire();
         netio::Semaphore::Permit permit(&blob_sem_);
-        auto spooled = co_await fetch_source_blob(src_repo, b);
-        if (!spooled.ok()) co_return spooled.error();
-        std::shared_ptr<SpoolEntry> e = spooled.value();
-        int fd = e->fd.get();
-        auto st = co_await t.client->upload_blob(dst_repo, b.digest, e->size, [fd](uint64_t off, uint64_t len) {
-            return std::make_shared<netio::FileRangeSource>(fd, off, len);
-        });
-        --e->pins;
-        e->last_use = ++use_clock_;
-        if (!st.ok()) co_return st;
+        auto cached = source_blob(src_repo, b);
+        if (!cached.ok()) co_return cached.error();
+        cas::BlobRef blob = cached.value();
+        const bool from_cache = blob->state() == cas::BlobState::committed && !fetched_this_run_.count(b.digest);
+        // Named, not temporaries inside the co_await: gcc 12 destroys a lambda temporary with
+        // non-trivial captures twice when it spans a suspension.
+        BlobBodyFactory body = [blob](uint64_t off, uint64_t len) -> std::shared_ptr<netio::BodySource> {
+            if (blob->state() == cas::BlobState::failed) return nullptr;  // no retry can succeed
+            return std::make_shared<CasRangeSource>(blob, off, len);
+        };
+        RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
+            return verdict_of(blob);
+        };
+        auto st = co_await t.client->upload_blob(dst_repo, b.digest, b.size, body, ready);
+        if (!st.ok()) {
+            if (auto f = failed_blobs_.find(b.digest); f != failed_blobs_.end()) co_return f->second;
+            co_return st;
+        }
         ++summary_.blobs_uploaded;
-        summary_.bytes_copied += e->size;
-        bytes += e->size;
+        if (from_cache) ++summary_.blobs_from_cache;
+        summary_.bytes_copied += b.size;
+        bytes += b.size;
         t.digest_home.emplace(b.digest, dst_repo);
         co_return netio::ok_status();
     }
 
-    // Single flight per digest: the blob is read from the source once, verified, and kept in the
-    // spool for every repository and target that needs it. The entry comes back pinned; the caller
-    // unpins it when its upload is done.
-    Task<netio::Result<std::shared_ptr<SpoolEntry>>> fetch_source_blob(std::string src_repo, Descriptor b) {
-        for (int round = 0; round < 3; ++round) {
-            if (auto it = spool_.find(b.digest); it != spool_.end()) {
-                std::shared_ptr<SpoolEntry> e = it->second;
-                auto st = co_await e->flight.wait();
-                if (!st.ok()) co_return st.error();
-                if (e->fd.valid()) {
-                    ++e->pins;
-                    co_return e;
-                }
-                continue;  // evicted meanwhile (and removed from the map): look again
-            }
-            auto e = std::make_shared<SpoolEntry>();
-            spool_[b.digest] = e;
-            ++e->pins;
-            auto st = co_await download(src_repo, b, *e);
-            e->last_use = ++use_clock_;
-            e->flight.finish(loop_, st);
-            if (!st.ok()) {
-                // Kept in the map as failed: the source is not asked again in this run.
-                --e->pins;
-                if (!e->path.empty()) ::unlink(e->path.c_str());
-                e->fd.reset();
-                co_return st.error();
-            }
-            spooled_bytes_ += e->size;
-            evict_if_needed();
-            co_return e;
-        }
-        co_return netio::Error::make("blob " + b.digest + " was evicted from the spool repeatedly; raise the spool cap");
+    // The blob's verdict; for a failed download, the download's own message (digest mismatch,
+    // source cut, ...).
+    Task<netio::Status> verdict_of(cas::BlobRef blob) {
+        auto v = co_await blob_verified(blob);
+        if (v.ok()) co_return v;
+        if (auto f = failed_blobs_.find(blob->digest()); f != failed_blobs_.end()) co_return f->second;
+        co_return v;
     }
 
-    Task<netio::Status> download(const std::string& src_repo, const Descriptor& b, SpoolEntry& e) {
-        e.path = spool_dir_ + "/" + b.digest.substr(7) + ".partial";
-        e.fd.reset(::open(e.path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-        if (!e.fd.valid())
-            co_return netio::Error::make("cannot create spool file " + e.path + ": " + std::strerror(errno));
-        const std::string what = "blob " + b.digest + " from " + opts_.source.host + "/" + src_repo;
-        netio::Status last = netio::ok_status();
-        constexpr int kAttempts = 4;
-        for (int attempt = 0; attempt < kAttempts; ++attempt) {
-            if (attempt > 0) co_await netio::sleep_for(loop_, std::chrono::milliseconds(250 << attempt));
-            if (::ftruncate(e.fd.get(), 0) != 0)
-                co_return netio::Error::make("cannot truncate spool file " + e.path + ": " + std::strerror(errno));
-            SpoolSink sink(e.fd.get(), b.size);
-            auto res = co_await source_->get_blob(src_repo, b.digest, &sink);
-            summary_.bytes_read_source += sink.bytes_;
-            if (sink.overflow_) co_return netio::Error::make(what + ": the source sent more than the " + std::to_string(b.size) + " bytes the manifest declares");
-            if (sink.write_errno_) co_return netio::Error::make(what + ": writing the spool file: " + std::strerror(sink.write_errno_));
-            if (!res.ok()) {
-                last = netio::Error{res.error().code, what + ": " + res.error().message};
-                continue;  // connection cut or stalled: start again
-            }
-            if (res->status == 404) co_return netio::Error::make(what + ": the source does not have it (404)");
-            if (res->status != 200) {
-                std::string body = sink.error_body_.substr(0, 300);
-                std::replace(body.begin(), body.end(), '\n', ' ');
-                auto err = netio::Error::make(what + ": HTTP " + std::to_string(res->status) + (body.empty() ? "" : " " + body));
-                last = err;
-                if (planner::is_retryable_status(res->status)) continue;
-                co_return err;
-            }
-            if (sink.bytes_ != b.size) {
-                last = netio::Error::make(what + ": the source sent " + std::to_string(sink.bytes_) + " bytes, the manifest declares " + std::to_string(b.size));
-                continue;
-            }
-            std::string got = sink.hasher_.finish_digest();
-            if (got != b.digest) {
-                // Never publish it. One more try in case of corruption in transit, then give up.
-                last = netio::Error::make(what + ": content does not match its digest (got " + got + ")");
-                if (attempt >= 1) co_return last;
-                continue;
-            }
-            e.size = b.size;
-            co_return netio::ok_status();
+    // The blob in the cache: committed (from this run or an earlier one), being filled (shared:
+    // single flight), or a new partial whose download starts now in the background. Callers read it
+    // as it arrives; the source is asked once per run, whatever the number of targets.
+    netio::Result<cas::BlobRef> source_blob(const std::string& src_repo, const Descriptor& b) {
+        if (auto f = failed_blobs_.find(b.digest); f != failed_blobs_.end()) return f->second;
+        auto acq = cas_->acquire(b.digest, b.size);
+        if (!acq.ok()) return netio::Error::make("blob " + b.digest + ": cache: " + acq.error().message);
+        cas::BlobRef blob = acq->blob;
+        if (acq->filler) {
+            fetched_this_run_.insert(b.digest);
+            fills_.add();
+            netio::spawn(fill(src_repo, b, blob));
         }
-        co_return last;
+        return blob;
     }
 
-    void evict_if_needed() {
-        while (spooled_bytes_ > opts_.spool_cap_bytes) {
-            auto victim = spool_.end();
-            for (auto it = spool_.begin(); it != spool_.end(); ++it) {
-                auto& e = *it->second;
-                if (e.pins || !e.flight.done || !e.flight.result.ok() || !e.fd.valid()) continue;
-                if (victim == spool_.end() || e.last_use < victim->second->last_use) victim = it;
-            }
-            if (victim == spool_.end()) return;
-            spooled_bytes_ -= victim->second->size;
-            ::unlink(victim->second->path.c_str());
-            victim->second->fd.reset();
-            spool_.erase(victim);
+    Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
+        FillOptions fo;
+        fo.streams = opts_.streams;
+        fo.range_threshold_bytes = opts_.range_threshold_bytes;
+        FillStats stats;
+        netio::Status st = netio::ok_status();
+        try {
+            st = co_await fill_blob(*source_, src_repo, blob, fo, stats);
+        } catch (const std::exception& e) {
+            st = netio::Error::make(std::string("internal error: ") + e.what());
+            blob->fail(st.error());
         }
+        summary_.bytes_read_source += stats.bytes_read;
+        if (!st.ok()) failed_blobs_.emplace(b.digest, st.error());
+        fills_.done();
     }
 
     const MirrorOptions& opts_;
@@ -718,11 +625,12 @@ private:
     netio::Semaphore blob_sem_;
     std::unique_ptr<RegistryClient> source_;
     std::vector<std::unique_ptr<Target>> targets_;
-    std::map<std::string, std::shared_ptr<SpoolEntry>> spool_;
-    std::string spool_dir_;
-    bool remove_spool_dir_ = false;
-    uint64_t spooled_bytes_ = 0;
-    uint64_t use_clock_ = 0;
+    std::unique_ptr<cas::BlobStore> cas_;
+    std::string cache_dir_;
+    bool remove_cache_dir_ = false;
+    netio::WaitGroup fills_{loop_};
+    std::map<std::string, netio::Error> failed_blobs_;  // digest -> why its download failed
+    std::set<std::string> fetched_this_run_;
     MirrorSummary summary_;
     bool stop_ = false;
     size_t repos_total_ = 0;

@@ -2,8 +2,9 @@
 // (manifests byte for byte, blobs verified by sha256 before their final PUT), in the order the
 // invariants require: blobs, then child manifests, then the index, the tag last.
 //
-// Blobs pass through a spool directory on disk (read from the source once per run, whatever the
-// number of repositories and targets needing them), so memory stays bounded by buffers.
+// Blobs pass through the content-addressed cache (cas::BlobStore): read from the source once, by
+// parallel ranged GETs, while uploads to every target follow the verified prefix (PATCH chunks in
+// order; the final PUT only once the sha256 matched). Memory stays bounded by buffers.
 //
 // Threading: run_mirror() owns its own loop and runs it on the calling thread until done.
 #pragma once
@@ -49,9 +50,11 @@ struct MirrorOptions {
     std::vector<std::string> auth_files;            // docker config.json / auth.json, in order
     unsigned jobs = 4;
     bool fail_fast = false;
-    std::string spool_dir;                          // empty: a temporary directory, removed at the end
-    uint64_t spool_cap_bytes = 8ull << 30;          // unpinned spooled blobs are evicted above this
-    uint64_t chunk_size_bytes = 64u << 20;          // uploads above this use PATCH chunks
+    std::string cache_dir;                          // the blob cache (kept); empty: a temporary one
+    uint64_t cache_cap_bytes = 16ull << 30;         // least recently used unpinned blobs evicted above
+    uint64_t chunk_size_bytes = 16u << 20;          // PATCH chunk; blobs up to this go in one PUT
+    unsigned streams = 4;                           // parallel ranged GETs per large blob
+    uint64_t range_threshold_bytes = 32u << 20;     // blobs from this size use `streams` ranges
     bool progress_tty = false;                      // a live status line on `log`
     FILE* log = stderr;                             // progress and log lines; nullptr = quiet
 };
@@ -78,6 +81,7 @@ struct MirrorSummary {
     size_t blobs_uploaded = 0;
     size_t blobs_mounted = 0;
     size_t blobs_existing = 0;
+    size_t blobs_from_cache = 0;     // uploads served from a cache kept by an earlier run
     double duration_s = 0;
     std::vector<std::string> errors;  // failures not tied to one artifact (source unreachable, ...)
     std::vector<MirrorItem> items;

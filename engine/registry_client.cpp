@@ -354,25 +354,27 @@ Task<Result<bool>> RegistryClient::mount_blob(std::string repo, std::string dige
     co_return false;
 }
 
-Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body) {
+Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body,
+                                         Finalizable ready) {
     bool allow_chunked = true;
     Status last = netio::ok_status();
     for (int attempt = 0; attempt < opts_.backoff.max_attempts; ++attempt) {
-        last = co_await upload_once(repo, digest, size, body, allow_chunked);
+        last = co_await upload_once(repo, digest, size, body, ready, allow_chunked);
         if (last.ok()) co_return last;
         if (last.error().code == std::errc::operation_not_supported) {
             allow_chunked = false;  // the registry refused PATCH: monolithic PUT
             --attempt;
             continue;
         }
-        if (last.error().code == std::errc::invalid_argument) co_return last;  // digest/size rejected: no retry
+        if (last.error().code == std::errc::invalid_argument || last.error().code == std::errc::bad_message)
+            co_return last;  // digest/size rejected, or the content failed verification: no retry
         co_await netio::sleep_for(http_.loop(), backoff_.next_delay(attempt));
     }
     co_return last;
 }
 
 Task<Status> RegistryClient::upload_once(const std::string& repo, const std::string& digest, uint64_t size,
-                                         const BlobBodyFactory& body, bool allow_chunked) {
+                                         const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked) {
     const std::string what = "upload " + digest + " to " + opts_.host + "/" + repo;
     const std::vector<std::string> scopes = scopes_of(push_scope(repo));
     auto post = make_request("POST", url("/v2/" + repo + "/blobs/uploads/"));
@@ -392,12 +394,19 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         co_return e;
     };
 
-    std::string put_url;
+    auto verified = [&]() -> Task<Status> {
+        if (!ready) co_return netio::ok_status();
+        co_return co_await ready();
+    };
     if (size <= chunk || !allow_chunked) {
+        // A monolithic PUT finalises the blob: its content must be verified before it is sent.
+        if (auto st = co_await verified(); !st.ok()) co_return co_await fail(st.error());
         auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
         put.timeout_ms = 0;
         put.headers.emplace_back("Content-Type", "application/octet-stream");
         put.body_source = body(0, size);
+        if (!put.body_source)
+            co_return co_await fail(netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"});
         auto r = co_await send(put, scopes, nullptr, false);
         if (!r.ok()) co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
         if (r->status != 201) {
@@ -410,6 +419,7 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         co_return netio::ok_status();
     }
 
+    int resumes = 0;
     for (uint64_t offset = 0; offset < size;) {
         const uint64_t len = std::min(chunk, size - offset);
         auto patch = make_request("PATCH", loc);
@@ -417,8 +427,35 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         patch.headers.emplace_back("Content-Type", "application/octet-stream");
         patch.headers.emplace_back("Content-Range", std::to_string(offset) + "-" + std::to_string(offset + len - 1));
         patch.body_source = body(offset, len);
+        if (!patch.body_source)
+            co_return co_await fail(netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"});
         auto r = co_await send(patch, scopes, nullptr, false);
-        if (!r.ok()) co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
+        if (!r.ok()) {
+            // Where the registry allows it, resume from the offset it reports (GET on the session
+            // answers 204 with Range: 0-N). distribution 2.8 refuses a session after a reset: then
+            // the whole upload starts again with a new POST (from the cache, not the source).
+            if (r.error().code != std::errc::operation_canceled && resumes < 3) {
+                ++resumes;
+                auto probe = co_await send(make_request("GET", loc), scopes, nullptr, false);
+                if (probe.ok() && probe->status == 204) {
+                    std::string range = probe->header("Range");
+                    auto dash = range.find('-');
+                    if (dash != std::string::npos) {
+                        // "0-N": N is the last byte received; "0--1" or "0-0" on an empty session.
+                        std::string last = range.substr(dash + 1);
+                        uint64_t received = 0;
+                        if (!last.empty() && last != "0" && last.find_first_not_of("0123456789") == std::string::npos)
+                            received = std::strtoull(last.c_str(), nullptr, 10) + 1;
+                        if (received <= size) {
+                            offset = received;
+                            if (auto next = resolve_location(*probe, loc); !next.empty()) loc = next;
+                            continue;
+                        }
+                    }
+                }
+            }
+            co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
+        }
         if (r->status != 202) {
             auto e = describe(what + ": PATCH", *r);
             if (offset == 0 && (r->status == 405 || r->status == 501 || r->status == 400 || r->status == 416))
@@ -429,6 +466,8 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         if (!next.empty()) loc = next;  // always follow the newest Location
         offset += len;
     }
+    // Every byte is on the target's session; finalise only once the sha256 is verified.
+    if (auto st = co_await verified(); !st.ok()) co_return co_await fail(st.error());
     auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
     auto r = co_await send(put, scopes, nullptr, false);
     if (!r.ok()) co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});

@@ -62,6 +62,7 @@ public:
     RegistryClient(netio::HttpClient& http, RegistryOptions opts);
 
     const std::string& host() const noexcept { return opts_.host; }
+    netio::UringLoop& loop() noexcept { return http_.loop(); }
 
     // GET /v2/: picks the scheme and learns the auth scheme. Must succeed before anything else.
     Task<Status> ping();
@@ -83,8 +84,16 @@ public:
     // Cross-repository mount from `from_repo`: true when mounted, false when the registry refused
     // (202 session cancelled, 401, 403, 404: the caller uploads instead).
     Task<Result<bool>> mount_blob(std::string repo, std::string digest, std::string from_repo);
-    // POST + PUT (monolithic) or POST + PATCH chunks + PUT, with retries from a fresh session.
-    Task<Status> upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body);
+    // Awaited before an upload is finalised (the PUT with ?digest=): the blob's sha256 must be
+    // verified by then. An error aborts the upload and cancels the session.
+    using Finalizable = std::function<Task<Status>()>;
+    // POST + PUT (monolithic, blobs up to chunk_size_bytes) or POST + PATCH chunks in order + PUT,
+    // with retries from a fresh session. The body may still be arriving (a source that pauses until
+    // its bytes are there): chunks stream as they come, and `ready` is awaited before the final
+    // PUT (before the only PUT of a monolithic upload). A session cut mid-way is resumed from the
+    // offset the registry reports where it allows that, otherwise restarted.
+    Task<Status> upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body,
+                             Finalizable ready = {});
 
     // The base URL in use after ping(), e.g. "https://host:port".
     const std::string& base_url() const noexcept { return base_url_; }
@@ -96,7 +105,7 @@ private:
                                             netio::BodySink* sink);
     Task<Status> authenticate(const std::string& challenge_header, const std::vector<std::string>& scopes);
     Task<Status> upload_once(const std::string& repo, const std::string& digest, uint64_t size,
-                             const BlobBodyFactory& body, bool allow_chunked);
+                             const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,
                                                      std::vector<std::string> scopes);
     netio::Request make_request(std::string method, std::string url) const;

@@ -493,6 +493,11 @@ TransferId HttpClient::start(Request req, BodySink* sink, DoneCallback done) {
         return id;
     }
     CURL* easy = t->easy.get();
+    auto resumer = [this, id, token = std::weak_ptr<int>(d.alive)] {
+        if (!token.expired()) resume(id);
+    };
+    if (t->source) t->source->attach(resumer);
+    if (t->sink) t->sink->attach(resumer);
     d.transfers.emplace(id, std::move(t));
     // CurlMulti runs on_done from the loop's queue, never from here.
     d.multi.add(easy, [&d, id](CURLcode rc) { d.on_transfer_done(id, rc); });

@@ -48,6 +48,9 @@ public:
     }
     // Offer a chunk. taken: consumed whole. full: nothing consumed, pause until resume(). error: abort.
     virtual Offer offer(std::span<const char> data) noexcept = 0;
+    // Called by start() with a function that resumes this transfer (a no-op once it finished or the
+    // client is gone), so a sink that answered Offer::full can un-pause itself later.
+    virtual void attach(std::function<void()> resume) noexcept { (void)resume; }
 };
 
 class BodySource {
@@ -60,6 +63,9 @@ public:
     virtual long read(std::span<char> buf) noexcept = 0;
     // Start again from the beginning (redirects, retries). false if not possible.
     virtual bool rewind() noexcept = 0;
+    // Called by start() with a function that resumes this transfer (see BodySink::attach), so a
+    // source that answered kPause can un-pause itself when its data is there.
+    virtual void attach(std::function<void()> resume) noexcept { (void)resume; }
 };
 
 // A body held in memory.

@@ -49,10 +49,12 @@ std::string format_bytes(uint64_t b) {
 struct MirrorArgs {
     std::vector<std::string> refs;
     std::string repo_regex, tag_regex, type = "all", target_namespace, ca_file, src_creds, dest_creds, authfile,
-        spool_dir;
+        cache_dir;
     bool overwrite = false, dry_run = false, insecure = false, json = false, fail_fast = false, quiet = false;
     unsigned jobs = 4;
-    uint64_t chunk_mib = 64;
+    unsigned streams = 4;
+    uint64_t chunk_mib = 16;
+    uint64_t cache_cap_gib = 16;
 };
 
 int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
@@ -89,7 +91,11 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
     }
     for (auto& f : engine::default_auth_files()) o.auth_files.push_back(f);
     if (a.jobs == 0 || a.jobs > 256) return usage_error("--jobs must be between 1 and 256");
-    if (a.chunk_mib == 0 || a.chunk_mib > 4096) return usage_error("--chunk-size must be between 1 and 4096 MiB");
+    // Registries that take chunked uploads commonly require chunks of at least 5 MiB (S3-backed
+    // storage); only the last may be shorter.
+    if (a.chunk_mib < 5 || a.chunk_mib > 4096) return usage_error("--chunk-size must be between 5 and 4096 (MiB)");
+    if (a.streams == 0 || a.streams > 64) return usage_error("--streams must be between 1 and 64");
+    if (a.cache_cap_gib == 0) return usage_error("--cache-size must be at least 1 (GiB)");
     o.filters = filters.value();
     o.overwrite = a.overwrite;
     o.dry_run = a.dry_run;
@@ -97,7 +103,9 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
     o.ca_file = a.ca_file;
     o.jobs = a.jobs;
     o.fail_fast = a.fail_fast;
-    o.spool_dir = a.spool_dir;
+    o.cache_dir = a.cache_dir;
+    o.cache_cap_bytes = a.cache_cap_gib << 30;
+    o.streams = a.streams;
     o.chunk_size_bytes = a.chunk_mib << 20;
     o.log = a.quiet ? nullptr : stderr;
     o.progress_tty = !a.quiet && ::isatty(STDERR_FILENO);
@@ -146,7 +154,9 @@ int main(int argc, char** argv) {
     mirror->add_option("--authfile", m.authfile, "docker config.json / auth.json with credentials");
     mirror->add_option("--jobs,-j", m.jobs, "artifacts and blobs in flight at once")->capture_default_str();
     mirror->add_option("--chunk-size", m.chunk_mib, "MiB per PATCH when uploading large blobs")->capture_default_str();
-    mirror->add_option("--spool-dir", m.spool_dir, "directory for blobs in transit (default: a temporary directory)");
+    mirror->add_option("--streams", m.streams, "parallel ranged GETs per large blob")->capture_default_str();
+    mirror->add_option("--cache", m.cache_dir, "keep the blob cache in DIR between runs (default: a temporary one)");
+    mirror->add_option("--cache-size", m.cache_cap_gib, "GiB the cache may hold; least recently used blobs go first")->capture_default_str();
     mirror->add_flag("--json", m.json, "print a JSON summary on stdout");
     mirror->add_flag("--fail-fast", m.fail_fast, "stop at the first failed artifact");
     mirror->add_flag("--quiet,-q", m.quiet, "no progress or log lines");

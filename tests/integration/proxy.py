@@ -1,28 +1,68 @@
-"""A small threaded HTTP reverse proxy in front of a (plain HTTP) registry.
+"""Small threaded HTTP reverse proxies in front of a (plain HTTP) registry.
 
-It forwards every request unchanged (Host header included, so the registry
-builds Location/Link URLs that point back at the proxy) and can make one tag
-vanish between listing and copying:
+Every proxy forwards requests unchanged (Host header included, so the
+registry builds Location/Link URLs that point back at the proxy) and records
+what it relayed.  Two flavours:
+
+``VanishingProxy`` makes one tag vanish between listing and copying:
 
     with VanishingProxy(upstream_registry, repo="src-ns/team-a/web", tag="v1") as px:
         px.host          # "127.0.0.1:PORT", use instead of the registry's host
         ...
         px.vanished.is_set()   # True once the tag has been deleted upstream
 
-Right after the upstream answered GET /v2/<repo>/tags/list for the chosen
-repository (the first time), and *before* that answer is relayed to the
-client, the proxy resolves <tag> to its digest on the upstream and DELETEs
-/v2/<repo>/manifests/<digest>.  So the client sees the tag in the listing, but
-the tag is really gone by the time the client can ask for it; there is no race
-with a client that fetches manifests on other connections.
+    Right after the upstream answered GET /v2/<repo>/tags/list for the chosen
+    repository (the first time), and *before* that answer is relayed to the
+    client, the proxy resolves <tag> to its digest on the upstream and DELETEs
+    /v2/<repo>/manifests/<digest>.  So the client sees the tag in the listing,
+    but the tag is really gone by the time the client can ask for it; there is
+    no race with a client that fetches manifests on other connections.
+
+``FaultProxy`` injects faults described by ``Fault`` rules:
+
+    rules = [Fault("GET", r"/blobs/sha256:", "respond", times=2, status=503),
+             Fault("GET", rf"/blobs/{big}$", "cut", times=1)]
+    with FaultProxy(upstream_registry, rules) as px:
+        ...
+        rules[0].hits          # how often the fault was really injected
+        px.log                 # [ProxyEvent] in order: method, path, status, fault
+
+    A rule matches a request when ``method`` (a regex, full match: "GET",
+    "GET|HEAD") and ``path`` (a regex searched in the request target, query
+    string included) match; it applies to the first ``times`` matching
+    requests (``None``: every one).  The first applicable rule wins.  Actions:
+
+    respond   answer ``status`` with ``headers``/``body`` without asking the
+              upstream (the request body is read and dropped).
+    cut       relay the upstream headers (full Content-Length), then only
+              ``keep`` bytes of the body (default: half), then close the
+              connection: a transfer that breaks mid-body.
+    corrupt   relay the body with one byte flipped (at ``offset``, default the
+              middle), same length, same headers.
+    truncate  relay only ``keep`` bytes (default: half) with a Content-Length
+              that matches them, then close the connection cleanly.
+    extend    relay the body followed by ``extra`` more bytes (default 4096)
+              with a Content-Length that matches.
+    replace   relay ``body`` instead (bytes, or a callable old -> new); the
+              Content-Length and Docker-Content-Digest headers are made to
+              match the new body, as a registry serving it would.
+
+    The body actions (all but ``respond``) only touch 200 answers; other
+    answers are relayed unchanged and do not count as hits.  A HEAD request
+    that matches a body rule is answered with the headers the transformed GET
+    would have (the upstream is asked with GET).
 
 Only the standard library is used; traffic goes to 127.0.0.1 only.
 """
 
+import hashlib
 import http.client
 import http.server
+import re
+import socket
 import socketserver
 import threading
+import time
 import urllib.parse
 
 from corpus import ACCEPT_ALL
@@ -30,6 +70,7 @@ from corpus import ACCEPT_ALL
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
               "te", "trailers", "transfer-encoding", "upgrade", "expect"}
 UPSTREAM_TIMEOUT = 60
+ACTIONS = ("respond", "cut", "corrupt", "truncate", "extend", "replace")
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -37,19 +78,77 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
 
-class VanishingProxy:
-    def __init__(self, upstream, repo=None, tag=None):
-        """upstream: a registry.Registry (plain HTTP).  repo/tag: the tag to
-        delete after the first tags/list of repo (None: pure pass-through)."""
+class ProxyEvent:
+    """One relayed request: what the client asked and what it was answered."""
+
+    __slots__ = ("t", "method", "path", "status", "fault", "sent")
+
+    def __init__(self, t, method, path, status, fault, sent):
+        self.t = t              # time.monotonic() when the answer was sent
+        self.method = method
+        self.path = path        # request target, query string included
+        self.status = status    # status sent to the client
+        self.fault = fault      # name of the Fault applied, or None
+        self.sent = sent        # body bytes sent to the client
+
+    def __repr__(self):
+        f = f" [{self.fault}]" if self.fault else ""
+        return f"{self.method} {self.path} -> {self.status}{f}"
+
+
+class Fault:
+    """A fault rule for FaultProxy (see the module docstring)."""
+
+    def __init__(self, method, path, action, times=None, status=503, headers=(),
+                 body=b"", keep=None, offset=None, extra=4096, replace=None, name=None):
+        if action not in ACTIONS:
+            raise ValueError(f"unknown fault action {action!r} (one of {ACTIONS})")
+        self.method_re = re.compile(method)
+        self.path_re = re.compile(path)
+        self.action = action
+        self.times = times
+        self.status = status
+        self.headers = list(headers.items() if isinstance(headers, dict) else headers)
+        self.body = body if isinstance(body, bytes) else str(body).encode()
+        self.keep = keep
+        self.offset = offset
+        self.extra = extra
+        self.replace = replace
+        self.name = name or f"{action}:{method} {path}"
+        self.matched = 0          # matching requests seen (applied or not)
+        self.hits = 0             # faults really injected
+
+    @property
+    def transforms_body(self):
+        return self.action != "respond"
+
+    def matches(self, method, target):
+        return (self.method_re.fullmatch(method) is not None
+                and self.path_re.search(target) is not None)
+
+    def __repr__(self):
+        return f"Fault({self.name!r}, hits={self.hits})"
+
+
+def _registry_error(status, message):
+    code = {429: "TOOMANYREQUESTS", 401: "UNAUTHORIZED"}.get(status, "UNAVAILABLE")
+    return (f'{{"errors":[{{"code":"{code}","message":"{message}","detail":null}}]}}'
+            ).encode()
+
+
+class ForwardingProxy:
+    """Pass-through proxy; subclasses hook into requests and answers."""
+
+    thread_name = "forwarding-proxy"
+
+    def __init__(self, upstream):
+        """upstream: a registry.Registry (plain HTTP)."""
         if upstream.tls:
-            raise ValueError("VanishingProxy supports plain-HTTP upstreams only")
+            raise ValueError(f"{type(self).__name__} supports plain-HTTP upstreams only")
         self.upstream = upstream
-        self.repo = repo
-        self.tag = tag
-        self.vanished = threading.Event()
-        self.vanished_digest = None
         self.error = None
         self.requests = []            # (method, path, status) as relayed
+        self.log = []                 # [ProxyEvent]
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
@@ -69,6 +168,21 @@ class VanishingProxy:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+    # -- hooks -------------------------------------------------------------
+    def pick_fault(self, method, target):
+        """The Fault to apply to this request, or None."""
+        return None
+
+    def after_upstream(self, method, path, status):
+        """Called with the upstream's answer, before it is relayed."""
+
+    # -- machinery ---------------------------------------------------------
+    def _record(self, method, target, status, fault, sent):
+        with self._lock:
+            self.requests.append((method, target, status))
+            self.log.append(ProxyEvent(time.monotonic(), method, target, status,
+                                       fault.name if fault else None, sent))
 
     def start(self):
         proxy = self
@@ -95,8 +209,7 @@ class VanishingProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else None
 
-            def _forward(self):
-                body = self._body()
+            def _upstream(self, method, body):
                 # A list, not a dict: repeated headers (several Accept lines) must survive.
                 headers = [(k, v) for k, v in self.headers.items()
                            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
@@ -105,47 +218,129 @@ class VanishingProxy:
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port,
                                                   timeout=UPSTREAM_TIMEOUT)
                 try:
-                    conn.putrequest(self.command, self.path, skip_host=True,
+                    conn.putrequest(method, self.path, skip_host=True,
                                     skip_accept_encoding=True)
                     for k, v in headers:
                         conn.putheader(k, v)
                     conn.endheaders(body)
                     resp = conn.getresponse()
-                    data = resp.read() if self.command != "HEAD" else b""
-                    status, reason = resp.status, resp.reason
+                    data = resp.read() if method != "HEAD" else b""
                     rheaders = [(k, v) for k, v in resp.getheaders()
                                 if k.lower() not in HOP_BY_HOP]
+                    return resp.status, resp.reason, rheaders, data
                 finally:
                     conn.close()
 
-                path = urllib.parse.urlsplit(self.path).path
-                if (self.command == "GET" and status == 200 and proxy.repo
-                        and path == f"/v2/{proxy.repo}/tags/list"):
-                    proxy._maybe_vanish()
-
+            def _send(self, status, reason, headers, data, head_only, length=None,
+                      close=False, fault=None):
+                """Send an answer. ``length``: the Content-Length to announce
+                (default len(data)); ``data`` is what is really sent."""
+                if length is None:
+                    length = len(data)
                 self.send_response_only(status, reason)
-                has_len = False
-                for k, v in rheaders:
-                    if k.lower() == "content-length":
-                        has_len = True
-                        if self.command != "HEAD":
-                            v = str(len(data))
-                    self.send_header(k, v)
-                if not has_len and self.command != "HEAD" and status not in (204, 304):
-                    self.send_header("Content-Length", str(len(data)))
+                for k, v in headers:
+                    if k.lower() != "content-length":
+                        self.send_header(k, v)
+                if status not in (204, 304) and not (100 <= status < 200):
+                    self.send_header("Content-Length", str(length))
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
-                if data:
+                if data and not head_only:
                     self.wfile.write(data)
                 self.wfile.flush()
+                proxy._record(self.command, self.path, status, fault,
+                              0 if head_only else len(data))
+
+            def _forward(self):
+                method = self.command
+                body = self._body()
+                fault = proxy.pick_fault(method, self.path)
+
+                if fault is not None and fault.action == "respond":
+                    with proxy._lock:
+                        fault.hits += 1
+                    hdrs = list(fault.headers)
+                    data = fault.body
+                    if not data and method != "HEAD":
+                        data = _registry_error(fault.status, f"injected by test proxy ({fault.name})")
+                    if not any(k.lower() == "content-type" for k, _ in hdrs) and data:
+                        hdrs.append(("Content-Type", "application/json; charset=utf-8"))
+                    self._send(fault.status, None, hdrs, data, method == "HEAD", fault=fault)
+                    return
+
+                up_method = "GET" if (method == "HEAD" and fault is not None) else method
+                status, reason, rheaders, data = self._upstream(up_method, body)
+                path = urllib.parse.urlsplit(self.path).path
+                proxy.after_upstream(method, path, status)
+                head_only = method == "HEAD"
+
+                if fault is None or status != 200:
+                    if head_only:
+                        self._send_head_passthrough(status, reason, rheaders)
+                    else:
+                        self._send(status, reason, rheaders, data, False)
+                    return
+
                 with proxy._lock:
-                    proxy.requests.append((self.command, self.path, status))
+                    fault.hits += 1
+                act = fault.action
+                if act == "cut":
+                    keep = len(data) // 2 if fault.keep is None else min(fault.keep, len(data))
+                    if head_only:
+                        self._send(status, reason, rheaders, data, True, fault=fault)
+                        return
+                    self._send(status, reason, rheaders, data[:keep], False,
+                               length=len(data), close=True, fault=fault)
+                    try:   # make the break visible at once, whatever the client buffers
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                if act == "truncate":
+                    keep = len(data) // 2 if fault.keep is None else min(fault.keep, len(data))
+                    self._send(status, reason, rheaders, data[:keep], head_only,
+                               close=True, fault=fault)
+                    return
+                if act == "corrupt":
+                    b = bytearray(data)
+                    if b:
+                        off = len(b) // 2 if fault.offset is None else fault.offset
+                        b[off] ^= 0xFF
+                    self._send(status, reason, rheaders, bytes(b), head_only, fault=fault)
+                    return
+                if act == "extend":
+                    extra = bytes((i * 37 + 11) % 256 for i in range(fault.extra))
+                    self._send(status, reason, rheaders, data + extra, head_only, fault=fault)
+                    return
+                if act == "replace":
+                    new = fault.replace(data) if callable(fault.replace) else fault.replace
+                    if isinstance(new, str):
+                        new = new.encode()
+                    digest = "sha256:" + hashlib.sha256(new).hexdigest()
+                    hdrs = [(k, digest if k.lower() == "docker-content-digest" else v)
+                            for k, v in rheaders if k.lower() != "etag"]
+                    hdrs.append(("Etag", f'"{digest}"'))
+                    self._send(status, reason, hdrs, new, head_only, fault=fault)
+                    return
+                raise AssertionError(f"unhandled fault action {act}")
+
+            def _send_head_passthrough(self, status, reason, rheaders):
+                # HEAD: the upstream's headers as they are (its Content-Length included).
+                self.send_response_only(status, reason)
+                for k, v in rheaders:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.flush()
+                proxy._record(self.command, self.path, status, None, 0)
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.1},
-                                        name="vanishing-proxy", daemon=True)
+                                        name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -156,8 +351,54 @@ class VanishingProxy:
             self._thread.join(timeout=10)
             self._server = None
 
-    def _maybe_vanish(self):
+    def events(self, method=None, path=None):
+        """Recorded events, optionally filtered (method: exact; path: regex search)."""
         with self._lock:
+            evs = list(self.log)
+        return [e for e in evs
+                if (method is None or e.method == method)
+                and (path is None or re.search(path, e.path))]
+
+
+class FaultProxy(ForwardingProxy):
+    """Forwards everything, injecting the faults of ``rules`` (see module docstring)."""
+
+    thread_name = "fault-proxy"
+
+    def __init__(self, upstream, rules=()):
+        super().__init__(upstream)
+        self.rules = list(rules)
+
+    def pick_fault(self, method, target):
+        with self._lock:
+            for r in self.rules:
+                if r.matches(method, target):
+                    r.matched += 1
+                    if r.times is None or r.matched <= r.times:
+                        return r
+        return None
+
+
+class VanishingProxy(ForwardingProxy):
+    thread_name = "vanishing-proxy"
+
+    def __init__(self, upstream, repo=None, tag=None):
+        """upstream: a registry.Registry (plain HTTP).  repo/tag: the tag to
+        delete after the first tags/list of repo (None: pure pass-through)."""
+        super().__init__(upstream)
+        self.repo = repo
+        self.tag = tag
+        self.vanished = threading.Event()
+        self.vanished_digest = None
+        self._vanish_lock = threading.Lock()
+
+    def after_upstream(self, method, path, status):
+        if (method == "GET" and status == 200 and self.repo
+                and path == f"/v2/{self.repo}/tags/list"):
+            self._maybe_vanish()
+
+    def _maybe_vanish(self):
+        with self._vanish_lock:
             if self.vanished.is_set() or self.tag is None:
                 return
             try:

@@ -1,0 +1,305 @@
+#include "engine/blob_transfer.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+
+namespace engine {
+
+namespace {
+
+// Per-stream state shared with the cache writes in flight (they may complete after the sink).
+struct StreamState {
+    uint64_t inflight_bytes = 0;
+    uint64_t max_inflight_bytes = 0;
+    bool paused = false;
+    std::optional<netio::Error> write_error;
+    std::function<void()> resume;
+    std::coroutine_handle<> drain_waiter;
+    netio::UringLoop* loop = nullptr;
+};
+
+// Writes a (ranged) response body into the blob at its offsets. Non-2xx bodies are kept, bounded,
+// for the error message. Pushes back (Offer::full) while too many bytes wait for the disk.
+class CasSink final : public netio::BodySink {
+public:
+    CasSink(netio::UringLoop& loop, cas::BlobRef blob, uint64_t first, uint64_t end, uint64_t max_inflight,
+            bool* whole_claimed)
+        : blob_(std::move(blob)), first_(first), end_(end), max_inflight_(max_inflight), whole_claimed_(whole_claimed),
+          st_(std::make_shared<StreamState>()) {
+        st_->loop = &loop;
+        st_->max_inflight_bytes = max_inflight;
+    }
+
+    bool on_response_head(long status, const netio::Headers&) noexcept override {
+        status_ = status;
+        if (status == 200 && (first_ != 0 || end_ != blob_->size())) {
+            // The source ignored Range: one stream takes the whole body, the others stand down.
+            if (*whole_claimed_) {
+                stood_down_ = true;
+                return false;
+            }
+            *whole_claimed_ = true;
+            whole_ = true;
+            first_ = 0;
+            end_ = blob_->size();
+        }
+        return true;
+    }
+
+    netio::Offer offer(std::span<const char> data) noexcept override {
+        if (status_ != 200 && status_ != 206) {
+            if (error_body_.size() < 4096) error_body_.append(data.data(), std::min<size_t>(data.size(), 4096));
+            return netio::Offer::taken;
+        }
+        if (st_->write_error) return netio::Offer::error;
+        if (first_ + received_ + data.size() > end_) {
+            overflow_ = true;  // more than asked for (or than the manifest declares)
+            return netio::Offer::error;
+        }
+        if (st_->inflight_bytes >= max_inflight_) {
+            st_->paused = true;
+            return netio::Offer::full;
+        }
+        auto buf = std::make_shared<std::vector<char>>(data.begin(), data.end());
+        st_->inflight_bytes += buf->size();
+        auto st = st_;
+        blob_->write(first_ + received_, {buf->data(), buf->size()}, [st, buf](netio::Status s) {
+            st->inflight_bytes -= buf->size();
+            if (!s.ok() && !st->write_error) st->write_error = s.error();
+            if (st->paused && st->inflight_bytes < st->max_inflight_bytes && st->resume) {
+                st->paused = false;
+                st->resume();
+            }
+            if (st->inflight_bytes == 0 && st->drain_waiter) {
+                auto h = std::exchange(st->drain_waiter, {});
+                st->loop->defer([h] { h.resume(); });
+            }
+        });
+        received_ += data.size();
+        bytes_read_ += data.size();
+        return netio::Offer::taken;
+    }
+
+    void attach(std::function<void()> resume) noexcept override { st_->resume = std::move(resume); }
+
+    // co_await sink.drained(): every write handed to the cache has completed.
+    struct Drain {
+        StreamState& st;
+        bool await_ready() const noexcept { return st.inflight_bytes == 0; }
+        void await_suspend(std::coroutine_handle<> h) noexcept { st.drain_waiter = h; }
+        void await_resume() const noexcept {}
+    };
+    Drain drained() { return Drain{*st_}; }
+
+    long status_ = 0;
+    bool whole_ = false;
+    bool stood_down_ = false;
+    bool overflow_ = false;
+    uint64_t received_ = 0;   // body bytes of this attempt written (or queued) at first_ + ...
+    uint64_t bytes_read_ = 0;
+    std::string error_body_;
+    const std::optional<netio::Error>& write_error() const { return st_->write_error; }
+
+private:
+    cas::BlobRef blob_;
+    uint64_t first_;
+    uint64_t end_;  // exclusive
+    uint64_t max_inflight_;
+    bool* whole_claimed_;
+    std::shared_ptr<StreamState> st_;
+};
+
+struct FillShared {
+    std::deque<netio::ByteRange> pieces;
+    bool whole_claimed = false;
+    bool whole_done = false;
+    std::optional<netio::Error> error;
+};
+
+// Cuts the missing ranges into about `streams` pieces of similar size, on chunk boundaries.
+std::deque<netio::ByteRange> cut(const std::vector<netio::ByteRange>& missing, unsigned streams, uint64_t chunk) {
+    uint64_t total = 0;
+    for (const auto& r : missing) total += r.last - r.first + 1;
+    uint64_t per = std::max<uint64_t>(chunk, (total + streams - 1) / std::max(1u, streams));
+    per = (per + chunk - 1) / chunk * chunk;
+    std::deque<netio::ByteRange> out;
+    for (const auto& r : missing) {
+        for (uint64_t a = r.first; a <= r.last;) {
+            uint64_t b = std::min(r.last, a + per - 1);
+            out.push_back({a, b});
+            a = b + 1;
+        }
+    }
+    return out;
+}
+
+std::string clean(std::string s) {
+    if (s.size() > 300) s.resize(300);
+    std::replace(s.begin(), s.end(), '\n', ' ');
+    std::replace(s.begin(), s.end(), '\r', ' ');
+    return s;
+}
+
+netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo, cas::BlobRef blob,
+                                const FillOptions& opts, FillStats& stats, FillShared& shared, bool ranged,
+                                netio::WaitGroup& wg) {
+    const std::string what = "blob " + blob->digest() + " from " + source.host() + "/" + repo;
+    netio::UringLoop& loop = source.loop();
+    while (!shared.pieces.empty() && !shared.error && !shared.whole_done) {
+        netio::ByteRange piece = shared.pieces.front();
+        shared.pieces.pop_front();
+        uint64_t done = 0;
+        const uint64_t want = piece.last - piece.first + 1;
+        int attempt = 0;
+        while (done < want && !shared.error && !shared.whole_done) {
+            if (attempt >= opts.attempts) {
+                shared.error = netio::Error::make(what + ": range " + std::to_string(piece.first + done) + "-" +
+                                                  std::to_string(piece.last) + " still incomplete after " +
+                                                  std::to_string(attempt) + " attempts");
+                break;
+            }
+            if (attempt > 0) co_await netio::sleep_for(loop, std::chrono::milliseconds(200 << std::min(attempt, 5)));
+            ++attempt;
+            CasSink sink(loop, blob, piece.first + done, piece.last + 1, opts.max_inflight_bytes, &shared.whole_claimed);
+            std::optional<netio::ByteRange> range;
+            if (ranged || done > 0) range = netio::ByteRange{piece.first + done, piece.last};
+            auto res = co_await source.get_blob(repo, blob->digest(), &sink, range);
+            co_await sink.drained();
+            stats.bytes_read += sink.bytes_read_;
+            if (sink.stood_down_) co_return;  // another stream has the whole body
+            if (sink.write_error()) {
+                shared.error = netio::Error::make(what + ": writing to the cache: " + sink.write_error()->message);
+                break;
+            }
+            if (sink.overflow_) {
+                shared.error = netio::Error::make(what + ": the source sent more bytes than the " +
+                                                  std::to_string(blob->size()) + " the manifest declares");
+                break;
+            }
+            if (sink.whole_) {
+                // This stream received the whole blob (the source ignores Range).
+                if (res.ok() && sink.received_ == blob->size()) {
+                    shared.whole_done = true;
+                    co_return;
+                }
+                shared.whole_claimed = false;  // let a retry (of any stream) take it again
+                if (res.ok() && sink.received_ < blob->size()) {
+                    shared.error = netio::Error::make(what + ": the source sent " + std::to_string(sink.received_) +
+                                                      " bytes, the manifest declares " + std::to_string(blob->size()));
+                    break;
+                }
+                continue;
+            }
+            done += sink.received_;
+            if (!res.ok()) continue;  // cut or stalled: resume from where this attempt stopped
+            const long status = res->status;
+            if (status == 404) {
+                shared.error = netio::Error::make(what + ": the source does not have it (HTTP 404)");
+                break;
+            }
+            if (status != 200 && status != 206) {
+                if (planner::is_retryable_status(status)) continue;
+                shared.error = netio::Error::make(what + ": HTTP " + std::to_string(status) +
+                                                  (sink.error_body_.empty() ? "" : " " + clean(sink.error_body_)));
+                break;
+            }
+            if (done < want && sink.received_ == 0) {
+                shared.error = netio::Error::make(what + ": the source sent fewer bytes than the manifest declares (" +
+                                                  std::to_string(blob->size()) + ")");
+                break;
+            }
+        }
+    }
+    (void)wg;
+}
+
+}  // namespace
+
+netio::Task<netio::Status> blob_verified(cas::BlobRef blob) {
+    co_await blob->settled();
+    if (blob->state() == cas::BlobState::committed) co_return netio::ok_status();
+    co_return blob->error();
+}
+
+netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, cas::BlobRef blob, FillOptions opts,
+                                     FillStats& stats) {
+    const std::string what = "blob " + blob->digest() + " from " + source.host() + "/" + repo;
+    auto missing = blob->missing_ranges();
+    if (!missing.empty()) {
+        const bool whole = missing.size() == 1 && missing[0].first == 0 && missing[0].last + 1 == blob->size();
+        const unsigned streams = blob->size() >= opts.range_threshold_bytes ? std::max(1u, opts.streams) : 1u;
+        FillShared shared;
+        shared.pieces = cut(missing, streams, blob->chunk_bytes());
+        const bool ranged = !(whole && shared.pieces.size() == 1);
+        const unsigned workers = std::min<unsigned>(streams, static_cast<unsigned>(shared.pieces.size()));
+        stats.streams_used = std::max(stats.streams_used, workers);
+        netio::WaitGroup wg(source.loop());
+        for (unsigned i = 0; i < workers; ++i) {
+            wg.add();
+            netio::spawn([](RegistryClient& src, const std::string& r, cas::BlobRef b, const FillOptions& o,
+                            FillStats& s, FillShared& sh, bool rg, netio::WaitGroup& w) -> netio::Task<void> {
+                try {
+                    co_await stream_worker(src, r, b, o, s, sh, rg, w);
+                } catch (const std::exception& e) {
+                    if (!sh.error) sh.error = netio::Error::make(std::string("internal error: ") + e.what());
+                }
+                w.done();
+            }(source, repo, blob, opts, stats, shared, ranged, wg));
+        }
+        co_await wg.wait();
+        if (shared.error) {
+            blob->fail(*shared.error);
+            co_return *shared.error;
+        }
+        if (blob->state() == cas::BlobState::partial && !blob->missing_ranges().empty()) {
+            auto err = netio::Error::make(what + ": incomplete after every stream finished");
+            blob->fail(err);
+            co_return err;
+        }
+    }
+    auto verdict = co_await blob_verified(blob);
+    if (!verdict.ok()) {
+        auto e = verdict.error();
+        if (e.code == std::errc::bad_message)
+            e.message = what + ": content does not match its digest (" + e.message + ")";
+        else
+            e.message = what + ": " + e.message;
+        co_return e;
+    }
+    co_return verdict;
+}
+
+long CasRangeSource::read(std::span<char> buf) noexcept {
+    if (pos_ >= length_) return 0;
+    if (blob_->state() == cas::BlobState::failed) return kAbort;
+    const uint64_t available_end =
+        blob_->state() == cas::BlobState::committed ? blob_->size() : blob_->watermark();
+    const uint64_t cur = offset_ + pos_;
+    if (cur >= available_end) {
+        if (!waiting_) {
+            waiting_ = true;
+            std::weak_ptr<CasRangeSource> self = weak_from_this();
+            blob_->when_available(cur + 1, [self] {
+                if (auto s = self.lock()) {
+                    s->waiting_ = false;
+                    if (s->resume_) s->resume_();
+                }
+            });
+        }
+        return kPause;
+    }
+    const uint64_t n = std::min<uint64_t>({buf.size(), length_ - pos_, available_end - cur});
+    ssize_t got;
+    do {
+        got = ::pread(blob_->read_fd(), buf.data(), n, static_cast<off_t>(cur));
+    } while (got < 0 && errno == EINTR);
+    if (got <= 0) return kAbort;
+    pos_ += static_cast<uint64_t>(got);
+    return static_cast<long>(got);
+}
+
+}  // namespace engine

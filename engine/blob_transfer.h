@@ -1,0 +1,65 @@
+// Moving one blob through the cache: parallel ranged GETs from the source into a cas::Blob
+// (fill_blob), and request bodies that follow the blob's watermark while it is still arriving
+// (CasRangeSource), so uploads to every target start before the download ends.
+//
+// Threading: loop thread only. Ownership: both hold a BlobRef (pinning the blob) while they live.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "cas/blob_store.h"
+#include "engine/registry_client.h"
+#include "netio/http_client.h"
+#include "netio/task.h"
+
+namespace engine {
+
+struct FillOptions {
+    unsigned streams = 4;                        // parallel ranged GETs for a large blob
+    uint64_t range_threshold_bytes = 32u << 20;  // blobs below this use one stream
+    int attempts = 4;                            // per range, resuming where the last attempt stopped
+    uint64_t max_inflight_bytes = 8u << 20;      // per stream: writes queued to the cache before pausing
+};
+
+struct FillStats {
+    uint64_t bytes_read = 0;  // body bytes received from the source (all attempts)
+    unsigned streams_used = 0;
+};
+
+// Fetches blob->missing_ranges() of `digest` from `repo` on `source` into `blob` (which the caller
+// acquired as filler), then waits until the blob settles. Returns the blob's verdict: ok once it is
+// committed (sha256 verified); otherwise an error that says what went wrong (the blob is failed).
+// A source that answers 200 to a ranged GET is handled (that stream takes the whole body).
+netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, cas::BlobRef blob,
+                                     FillOptions opts, FillStats& stats);
+
+// The bytes [offset, offset+length) of a blob that may still be filling: read() answers kPause
+// while they are not below the watermark yet and resumes the transfer when they are; kAbort if
+// the blob fails.
+class CasRangeSource final : public netio::BodySource, public std::enable_shared_from_this<CasRangeSource> {
+public:
+    CasRangeSource(cas::BlobRef blob, uint64_t offset, uint64_t length)
+        : blob_(std::move(blob)), offset_(offset), length_(length) {}
+    uint64_t length() const noexcept override { return length_; }
+    long read(std::span<char> buf) noexcept override;
+    bool rewind() noexcept override {
+        pos_ = 0;
+        return true;
+    }
+    void attach(std::function<void()> resume) noexcept override { resume_ = std::move(resume); }
+
+private:
+    cas::BlobRef blob_;
+    uint64_t offset_;
+    uint64_t length_;
+    uint64_t pos_ = 0;
+    bool waiting_ = false;
+    std::function<void()> resume_;
+};
+
+// Awaits the blob's verdict: ok when committed, its error when failed.
+netio::Task<netio::Status> blob_verified(cas::BlobRef blob);
+
+}  // namespace engine
