@@ -27,8 +27,9 @@ struct StreamState {
 class CasSink final : public netio::BodySink {
 public:
     CasSink(netio::UringLoop& loop, cas::BlobRef blob, uint64_t first, uint64_t end, uint64_t max_inflight,
-            bool* whole_claimed)
+            bool* whole_claimed, uint64_t* live_counter)
         : blob_(std::move(blob)), first_(first), end_(end), max_inflight_(max_inflight), whole_claimed_(whole_claimed),
+          live_counter_(live_counter),
           st_(std::make_shared<StreamState>()) {
         st_->loop = &loop;
         st_->max_inflight_bytes = max_inflight;
@@ -81,6 +82,7 @@ public:
         });
         received_ += data.size();
         bytes_read_ += data.size();
+        if (live_counter_) *live_counter_ += data.size();
         return netio::Offer::taken;
     }
 
@@ -110,6 +112,7 @@ private:
     uint64_t end_;  // exclusive
     uint64_t max_inflight_;
     bool* whole_claimed_;
+    uint64_t* live_counter_;
     std::shared_ptr<StreamState> st_;
 };
 
@@ -164,7 +167,8 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
             }
             if (attempt > 0) co_await netio::sleep_for(loop, std::chrono::milliseconds(200 << std::min(attempt, 5)));
             ++attempt;
-            CasSink sink(loop, blob, piece.first + done, piece.last + 1, opts.max_inflight_bytes, &shared.whole_claimed);
+            CasSink sink(loop, blob, piece.first + done, piece.last + 1, opts.max_inflight_bytes, &shared.whole_claimed,
+                         opts.live_bytes_read);
             std::optional<netio::ByteRange> range;
             if (ranged || done > 0) range = netio::ByteRange{piece.first + done, piece.last};
             auto res = co_await source.get_blob(repo, blob->digest(), &sink, range);
@@ -299,6 +303,7 @@ long CasRangeSource::read(std::span<char> buf) noexcept {
     } while (got < 0 && errno == EINTR);
     if (got <= 0) return kAbort;
     pos_ += static_cast<uint64_t>(got);
+    if (sent_counter_) *sent_counter_ += static_cast<uint64_t>(got);
     return static_cast<long>(got);
 }
 

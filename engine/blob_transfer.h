@@ -21,6 +21,7 @@ struct FillOptions {
     uint64_t range_threshold_bytes = 32u << 20;  // blobs below this use one stream
     int attempts = 4;                            // per range, resuming where the last attempt stopped
     uint64_t max_inflight_bytes = 8u << 20;      // per stream: writes queued to the cache before pausing
+    uint64_t* live_bytes_read = nullptr;         // if set, counts body bytes as they arrive (progress)
 };
 
 struct FillStats {
@@ -40,8 +41,9 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
 // the blob fails.
 class CasRangeSource final : public netio::BodySource, public std::enable_shared_from_this<CasRangeSource> {
 public:
-    CasRangeSource(cas::BlobRef blob, uint64_t offset, uint64_t length)
-        : blob_(std::move(blob)), offset_(offset), length_(length) {}
+    // `sent_counter` (optional) counts bytes handed to the transfer, for progress displays.
+    CasRangeSource(cas::BlobRef blob, uint64_t offset, uint64_t length, uint64_t* sent_counter = nullptr)
+        : blob_(std::move(blob)), offset_(offset), length_(length), sent_counter_(sent_counter) {}
     uint64_t length() const noexcept override { return length_; }
     long read(std::span<char> buf) noexcept override;
     bool rewind() noexcept override {
@@ -54,6 +56,7 @@ private:
     cas::BlobRef blob_;
     uint64_t offset_;
     uint64_t length_;
+    uint64_t* sent_counter_;
     uint64_t pos_ = 0;
     bool waiting_ = false;
     std::function<void()> resume_;

@@ -212,8 +212,8 @@ private:
         }
         std::string line = "scanned " + std::to_string(repos_scanned_) + "/" + std::to_string(repos_total_) +
                            " repos, " + std::to_string(summary_.items.size()) + " artifacts done, " +
-                           std::to_string(in_progress_) + " in progress | " + human_bytes(double(moved_bytes())) +
-                           " moved, " + human_bytes(rate_) + "/s";
+                           std::to_string(in_progress_) + " in progress | read " + human_bytes(double(live_read_)) +
+                           ", sent " + human_bytes(double(moved_bytes())) + ", " + human_bytes(rate_) + "/s";
         uint64_t pending = planned_bytes_ > moved_bytes() ? planned_bytes_ - moved_bytes() : 0;
         if (rate_ > 1 && pending > 0) {
             auto eta = static_cast<long>(double(pending) / rate_);
@@ -225,7 +225,8 @@ private:
         std::fflush(opts_.log);
     }
 
-    uint64_t moved_bytes() const { return summary_.bytes_read_source + summary_.bytes_copied; }
+    // Bytes handed to target uploads so far (retries count again): what the rate and ETA follow.
+    uint64_t moved_bytes() const { return live_sent_; }
 
     std::optional<Credentials> credentials_for(const std::string& host, const std::optional<Credentials>& flag) {
         if (flag) return flag;
@@ -381,7 +382,6 @@ private:
             (opts_.filters.type == TypeFilter::helm && m.type != ArtifactType::helm))
             co_return;
         if (data.media_type.empty()) data.media_type = m.media_type;
-        planned_bytes_ += blob_bytes(m) * targets_.size();
 
         netio::WaitGroup wg(loop_);
         for (auto& t : targets_) {
@@ -556,9 +556,10 @@ private:
         const bool from_cache = blob->state() == cas::BlobState::committed && !fetched_this_run_.count(b.digest);
         // Named, not temporaries inside the co_await: gcc 12 destroys a lambda temporary with
         // non-trivial captures twice when it spans a suspension.
-        BlobBodyFactory body = [blob](uint64_t off, uint64_t len) -> std::shared_ptr<netio::BodySource> {
+        planned_bytes_ += b.size;
+        BlobBodyFactory body = [this, blob](uint64_t off, uint64_t len) -> std::shared_ptr<netio::BodySource> {
             if (blob->state() == cas::BlobState::failed) return nullptr;  // no retry can succeed
-            return std::make_shared<CasRangeSource>(blob, off, len);
+            return std::make_shared<CasRangeSource>(blob, off, len, &live_sent_);
         };
         RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
             return verdict_of(blob);
@@ -605,6 +606,7 @@ private:
         FillOptions fo;
         fo.streams = opts_.streams;
         fo.range_threshold_bytes = opts_.range_threshold_bytes;
+        fo.live_bytes_read = &live_read_;
         FillStats stats;
         netio::Status st = netio::ok_status();
         try {
@@ -636,7 +638,9 @@ private:
     size_t repos_total_ = 0;
     size_t repos_scanned_ = 0;
     size_t in_progress_ = 0;
-    uint64_t planned_bytes_ = 0;
+    uint64_t planned_bytes_ = 0;  // bytes of the uploads started so far
+    uint64_t live_read_ = 0;
+    uint64_t live_sent_ = 0;
     netio::OpId progress_timer_;
     bool progress_stop_ = false;
     std::chrono::steady_clock::time_point rate_t0_ = std::chrono::steady_clock::now();

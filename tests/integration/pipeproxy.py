@@ -167,7 +167,9 @@ class PipeProxy(FaultProxy):
                 return ok
 
             def send_response_only(self, code, message=None):
-                self._pp_status = code
+                if code >= 200:      # not an interim answer (100 Continue)
+                    self._pp_status = code
+                    self._pp_headers_done = False
                 return super().send_response_only(code, message)
 
             def flush_headers(self):

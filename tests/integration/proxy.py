@@ -34,23 +34,32 @@ what it relayed.  Two flavours:
 
     respond   answer ``status`` with ``headers``/``body`` without asking the
               upstream (the request body is read and dropped).
-    cut       relay the upstream headers (full Content-Length), then only
-              ``keep`` bytes of the body (default: half), then close the
-              connection: a transfer that breaks mid-body.
-    corrupt   relay the body with one byte flipped (at ``offset``, default the
-              middle), same length, same headers.
-    truncate  relay only ``keep`` bytes (default: half) with a Content-Length
-              that matches them, then close the connection cleanly.
-    extend    relay the body followed by ``extra`` more bytes (default 4096)
-              with a Content-Length that matches.
-    replace   relay ``body`` instead (bytes, or a callable old -> new); the
-              Content-Length and Docker-Content-Digest headers are made to
-              match the new body, as a registry serving it would.
+    cut       a network fault: relay the upstream headers (full
+              Content-Length), then only ``keep`` bytes of the body (default:
+              half), then close the connection.  Applies to 200 and 206
+              answers (a ranged GET is cut the same way).
 
-    The body actions (all but ``respond``) only touch 200 answers; other
-    answers are relayed unchanged and do not count as hits.  A HEAD request
-    that matches a body rule is answered with the headers the transformed GET
-    would have (the upstream is asked with GET).
+    The other actions are object faults: they stand for a source whose stored
+    object really is different.  The proxy fetches the whole upstream object
+    (without the client's Range), makes the fake object, and serves the
+    request from it - whole (200), the asked Range (206, Content-Range), or
+    416 for a Range past its end - with a Content-Length that matches what is
+    sent.  Docker-Content-Digest keeps the upstream value (the lie), except
+    for ``replace``.
+
+    corrupt   the object with one byte flipped (at ``offset``, default the
+              middle), same length.
+    truncate  only the first ``keep`` bytes (default: half); every answer
+              closes the connection cleanly afterwards.
+    extend    the object followed by ``extra`` more bytes (default 4096).
+    replace   ``replace`` instead (bytes, or a callable old -> new); the
+              Docker-Content-Digest and Etag headers are made to match it,
+              as a registry serving it would.
+
+    Faults apply only when the upstream answers 200 (200/206 for ``cut``);
+    other answers are relayed unchanged and do not count as hits.  A HEAD
+    request that matches a GET-like rule ("GET|HEAD") is answered with the
+    headers the faulty GET would have (the upstream is asked with GET).
 
 Only the standard library is used; traffic goes to 127.0.0.1 only.
 """
@@ -145,6 +154,55 @@ def _registry_error(status, message):
             ).encode()
 
 
+def _fake_object(fault, data, headers):
+    """(fake body, headers) for an object fault applied to upstream body ``data``."""
+    act = fault.action
+    if act == "truncate":
+        keep = len(data) // 2 if fault.keep is None else min(fault.keep, len(data))
+        return data[:keep], headers
+    if act == "corrupt":
+        b = bytearray(data)
+        if b:
+            off = len(b) // 2 if fault.offset is None else fault.offset
+            b[off] ^= 0xFF
+        return bytes(b), headers
+    if act == "extend":
+        return data + bytes((i * 37 + 11) % 256 for i in range(fault.extra)), headers
+    if act == "replace":
+        new = fault.replace(data) if callable(fault.replace) else fault.replace
+        if isinstance(new, str):
+            new = new.encode()
+        digest = "sha256:" + hashlib.sha256(new).hexdigest()
+        hdrs = [(k, digest if k.lower() == "docker-content-digest" else v)
+                for k, v in headers if k.lower() != "etag"]
+        hdrs.append(("Etag", f'"{digest}"'))
+        return new, hdrs
+    raise AssertionError(f"unhandled fault action {act}")
+
+
+_RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+
+
+def _parse_range(value, size):
+    """A single ``Range: bytes=...`` against an object of ``size`` bytes:
+    None (no/ignored Range: whole object), "unsatisfiable", or (first, last)."""
+    if not value:
+        return None
+    m = _RANGE_RE.fullmatch(value)
+    if not m or (m.group(1) == "" and m.group(2) == ""):
+        return None          # several ranges or nonsense: a server may ignore Range
+    if m.group(1) == "":     # suffix: the last N bytes
+        n = int(m.group(2))
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return (max(0, size - n), size - 1)
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) else size - 1
+    if first >= size or last < first:
+        return "unsatisfiable"
+    return (first, min(last, size - 1))
+
+
 class ForwardingProxy:
     """Pass-through proxy; subclasses hook into requests and answers."""
 
@@ -218,10 +276,11 @@ class ForwardingProxy:
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n) if n else None
 
-            def _upstream(self, method, body):
+            def _upstream(self, method, body, drop_range=False):
                 # A list, not a dict: repeated headers (several Accept lines) must survive.
+                dropped = {"content-length"} | ({"range", "if-range"} if drop_range else set())
                 headers = [(k, v) for k, v in self.headers.items()
-                           if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"]
+                           if k.lower() not in HOP_BY_HOP and k.lower() not in dropped]
                 if body is not None:
                     headers.append(("Content-Length", str(len(body))))
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream.port,
@@ -280,13 +339,18 @@ class ForwardingProxy:
                     self._send(fault.status, None, hdrs, data, method == "HEAD", fault=fault)
                     return
 
+                # Object faults stand for a source whose stored blob/manifest *is*
+                # different: the whole upstream object is fetched (no Range), turned
+                # into the fake one, and the client's request is served from it.
+                object_fault = fault is not None and fault.action != "cut"
                 up_method = "GET" if (method == "HEAD" and fault is not None) else method
-                status, reason, rheaders, data = self._upstream(up_method, body)
+                status, reason, rheaders, data = self._upstream(
+                    up_method, body, drop_range=object_fault)
                 path = urllib.parse.urlsplit(self.path).path
                 proxy.after_upstream(method, path, status)
                 head_only = method == "HEAD"
 
-                if fault is None or status != 200:
+                if fault is None or status not in ((200, 206) if fault.action == "cut" else (200,)):
                     if head_only:
                         self._send_head_passthrough(status, reason, rheaders)
                     else:
@@ -295,8 +359,7 @@ class ForwardingProxy:
 
                 with proxy._lock:
                     fault.hits += 1
-                act = fault.action
-                if act == "cut":
+                if fault.action == "cut":
                     keep = len(data) // 2 if fault.keep is None else min(fault.keep, len(data))
                     if head_only:
                         self._send(status, reason, rheaders, data, True, fault=fault)
@@ -308,33 +371,24 @@ class ForwardingProxy:
                     except OSError:
                         pass
                     return
-                if act == "truncate":
-                    keep = len(data) // 2 if fault.keep is None else min(fault.keep, len(data))
-                    self._send(status, reason, rheaders, data[:keep], head_only,
-                               close=True, fault=fault)
-                    return
-                if act == "corrupt":
-                    b = bytearray(data)
-                    if b:
-                        off = len(b) // 2 if fault.offset is None else fault.offset
-                        b[off] ^= 0xFF
-                    self._send(status, reason, rheaders, bytes(b), head_only, fault=fault)
-                    return
-                if act == "extend":
-                    extra = bytes((i * 37 + 11) % 256 for i in range(fault.extra))
-                    self._send(status, reason, rheaders, data + extra, head_only, fault=fault)
-                    return
-                if act == "replace":
-                    new = fault.replace(data) if callable(fault.replace) else fault.replace
-                    if isinstance(new, str):
-                        new = new.encode()
-                    digest = "sha256:" + hashlib.sha256(new).hexdigest()
-                    hdrs = [(k, digest if k.lower() == "docker-content-digest" else v)
-                            for k, v in rheaders if k.lower() != "etag"]
-                    hdrs.append(("Etag", f'"{digest}"'))
-                    self._send(status, reason, hdrs, new, head_only, fault=fault)
-                    return
-                raise AssertionError(f"unhandled fault action {act}")
+
+                fake, rheaders = _fake_object(fault, data, rheaders)
+                close = fault.action == "truncate"
+                rheaders = [(k, v) for k, v in rheaders if k.lower() != "content-range"]
+                rng = _parse_range(self.headers.get("Range"), len(fake))
+                if rng is None:
+                    self._send(200, "OK", rheaders, fake, head_only, close=close, fault=fault)
+                elif rng == "unsatisfiable":
+                    hdrs = [(k, v) for k, v in rheaders if k.lower() != "content-type"]
+                    hdrs += [("Content-Range", f"bytes */{len(fake)}"),
+                             ("Content-Type", "text/plain; charset=utf-8")]
+                    self._send(416, "Range Not Satisfiable", hdrs, b"", head_only,
+                               close=close, fault=fault)
+                else:
+                    a, b = rng
+                    hdrs = rheaders + [("Content-Range", f"bytes {a}-{b}/{len(fake)}")]
+                    self._send(206, "Partial Content", hdrs, fake[a:b + 1], head_only,
+                               close=close, fault=fault)
 
             def _send_head_passthrough(self, status, reason, rheaders):
                 # HEAD: the upstream's headers as they are (its Content-Length included).

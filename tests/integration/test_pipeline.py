@@ -1,0 +1,621 @@
+"""Integration tests of crossdock's streaming blob pipeline.
+
+What is tested (crossdock as a subprocess, real docker-registry 2.8 on
+127.0.0.1, results checked through the registry API and the registries' own
+logs; proxies from pipeproxy.py / proxy.py where a behaviour has to be
+forced):
+
+- a big blob (>= 32 MiB) is fetched by several ranged GETs that together read
+  it exactly once, and is uploaded to every target as PATCH chunks of
+  --chunk-size followed by one final PUT ?digest=;
+- uploads overlap the download: with a throttled source, a target has
+  PATCHed chunks before the source has sent the blob's last byte, and the
+  final PUT comes only after it;
+- a source that ignores Range (answers 200, whole body) still works;
+- --cache DIR: a later run to a new target reads nothing from the source;
+- a run killed (SIGKILL) in the middle of a blob resumes from the cache's
+  partial: the next run reads fewer bytes than the blob from the source;
+- a target that refuses PATCH (405) gets a monolithic PUT;
+- a download that fails verification leaves no upload session (and no tag)
+  on the targets;
+- with three targets, the source is read once: bytes_read_source equals the
+  unique blob bytes.
+
+Registry logs: besides the access log, distribution writes a logrus line
+'msg="response completed"' when it has sent an answer, with a nanosecond
+timestamp, the method, URI, status and http.response.written (body bytes);
+``completed()`` parses those.  A proxy that buffers the upstream answer (all
+of proxy.py's do) makes the *source registry's* timestamps meaningless for
+what crossdock received, so timing checks use the proxy's own wall-clock
+record (pipeproxy.PipeProxy.timeline) on the source side.
+"""
+
+import calendar
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import check  # noqa: E402
+import corpus  # noqa: E402
+from pipeproxy import PipeProxy  # noqa: E402
+from proxy import Fault, FaultProxy  # noqa: E402
+from registry import Registry, no_proxy_opener  # noqa: E402
+
+CROSSDOCK = os.environ.get("CROSSDOCK_BIN") or os.path.join(
+    HERE, "..", "..", "build", "tools", "crossdock")
+RUN_TIMEOUT = 180          # seconds for one crossdock invocation
+MiB = 1024 * 1024
+
+DEFAULT_STREAMS = 4        # crossdock's --streams default
+DEFAULT_CHUNK = 16 * MiB   # crossdock's --chunk-size default
+RANGE_THRESHOLD = 32 * MiB  # blobs from this size are fetched by ranged streams
+CAS_CHUNK = 4 * MiB        # cache chunk: one .meta record per verified chunk
+META_HEADER = 32
+META_RECORD = 24
+
+BIG_SIZE = 96 * MiB        # payload of the "one" image's layer
+KILL_SIZE = 128 * MiB      # payload of the "kill" image's layer
+CORP_BIG_SIZE = 40 * MiB   # big layer of the default corpus in "corp"
+
+# --------------------------------------------------------------------------
+# Running crossdock
+# --------------------------------------------------------------------------
+
+_EMPTY_DOCKER_CONFIG = None
+
+
+def base_env():
+    """No proxies (loopback only), no ambient credentials."""
+    global _EMPTY_DOCKER_CONFIG
+    if _EMPTY_DOCKER_CONFIG is None:
+        _EMPTY_DOCKER_CONFIG = tempfile.mkdtemp(prefix="crossdock-nodockercfg-")
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["DOCKER_CONFIG"] = _EMPTY_DOCKER_CONFIG
+    return env
+
+
+class Run:
+    def __init__(self, args, returncode, stdout, stderr, seconds):
+        self.args = args
+        self.returncode = returncode
+        self.stdout = stdout.decode("utf-8", "replace")
+        self.stderr = stderr.decode("utf-8", "replace")
+        self.seconds = seconds
+        self._summary = None
+
+    def describe(self):
+        return (f"\n$ crossdock {' '.join(self.args)}\nexit {self.returncode} "
+                f"after {self.seconds:.1f}s\n"
+                f"--- stdout ---\n{self.stdout[-6000:]}\n"
+                f"--- stderr ---\n{self.stderr[-4000:]}")
+
+    @property
+    def summary(self):
+        if self._summary is None:
+            try:
+                self._summary = json.loads(self.stdout)
+            except ValueError as e:
+                raise AssertionError(f"--json output is not JSON ({e})"
+                                     + self.describe()) from None
+        return self._summary
+
+
+def crossdock(*args, timeout=RUN_TIMEOUT):
+    args = [str(a) for a in args]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([CROSSDOCK] + args, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=base_env(), timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"crossdock {' '.join(args)} did not finish within "
+                             f"{timeout}s; stderr so far:\n"
+                             f"{(e.stderr or b'').decode(errors='replace')[-4000:]}")
+    return Run(args, p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+
+# --------------------------------------------------------------------------
+# Registry logs and storage
+# --------------------------------------------------------------------------
+
+_KV_RE = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|\S*)')
+_UPLOAD_RE = re.compile(r"/blobs/uploads/([0-9a-fA-F-]{36})")
+
+
+class Completed:
+    """One 'response completed' line of a registry log."""
+
+    __slots__ = ("t", "method", "uri", "status", "written")
+
+    def __init__(self, t, method, uri, status, written):
+        self.t, self.method, self.uri = t, method, uri
+        self.status, self.written = status, written
+
+    @property
+    def session(self):
+        m = _UPLOAD_RE.search(self.uri)
+        return m.group(1) if m else None
+
+    def __repr__(self):
+        return f"{self.method} {self.uri[:100]} -> {self.status} {self.written}B @{self.t:.3f}"
+
+
+def _unquote(v):
+    if v.startswith('"') and v.endswith('"') and len(v) >= 2:
+        return re.sub(r'\\(.)', r'\1', v[1:-1])
+    return v
+
+
+def _parse_time(s):
+    """'2026-11-23T12:31:56.80657754Z' -> epoch seconds (float)."""
+    s = s.rstrip("Z")
+    base, _, frac = s.partition(".")
+    t = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    return t + (float("0." + frac) if frac else 0.0)
+
+
+def log_mark(reg):
+    """A position in ``reg``'s log: what completed() reads after it."""
+    reg.settle_log()
+    return len(reg.log_text())
+
+
+def completed(reg, since=0):
+    """[Completed] of the requests ``reg`` answered after log position ``since``."""
+    reg.settle_log()
+    out = []
+    for line in reg.log_text()[since:].splitlines():
+        if 'msg="response completed"' not in line:
+            continue
+        kv = {k: _unquote(v) for k, v in _KV_RE.findall(line)}
+        try:
+            out.append(Completed(_parse_time(kv["time"]), kv["http.request.method"],
+                                 kv["http.request.uri"], int(kv["http.response.status"]),
+                                 int(kv.get("http.response.written") or 0)))
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+def blob_gets(entries, digest):
+    return [e for e in entries if e.method == "GET" and f"/blobs/{digest}" in e.uri
+            and "/uploads/" not in e.uri]
+
+
+def upload_dirs(reg):
+    """Leftover upload sessions in a registry's storage: paths of
+    repositories/**/_uploads/* entries."""
+    root = os.path.join(reg.storage_dir, "docker", "registry", "v2", "repositories")
+    left = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if os.path.basename(dirpath) == "_uploads":
+            left += [os.path.relpath(os.path.join(dirpath, d), root) for d in dirnames]
+            left += [os.path.relpath(os.path.join(dirpath, f), root)
+                     for f in os.listdir(dirpath) if f not in dirnames]
+            dirnames[:] = []
+    return sorted(left)
+
+
+def blob_sha256(reg, repo, digest):
+    """Stream a blob from the registry and hash it: 'sha256:...' (or None if 404)."""
+    import urllib.error
+    opener = no_proxy_opener(reg.ssl_context())
+    h = hashlib.sha256()
+    try:
+        with opener.open(f"{reg.url}/v2/{repo}/blobs/{digest}", timeout=60) as r:
+            while True:
+                b = r.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+    return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Shared source registry (read-only for every test)
+# --------------------------------------------------------------------------
+
+SOURCE = None
+ONE = None       # namespace "one": app:v1 = config + one ~96 MiB layer
+KILL = None      # namespace "kill": app:v1 = config + one ~128 MiB layer
+CORP = None      # namespace "corp": the default corpus with a ~40 MiB layer
+
+
+class Image:
+    """A single-image namespace on the source: NS/app:v1."""
+
+    def __init__(self, ns, manifest, big):
+        self.ns = ns
+        self.relative = "app"
+        self.tag = "v1"
+        self.repository = f"{ns}/app"
+        self.digest = manifest.digest
+        self.media_type = manifest.media_type
+        self.blobs = {b.digest: b.size for b in manifest.blobs}
+        self.big_digest = big.digest
+        self.big_size = big.size
+        self.unique_bytes = sum(self.blobs.values())
+
+
+def _push_image(client, builder, ns, label, size):
+    m = builder.image(label, [label + "-layer"], sizes={label + "-layer": size})
+    corpus.push_manifest_tree(client, f"{ns}/app", m, "v1")
+    big = m.blobs[1]
+    img = Image(ns, m, big)
+    for b in m.blobs:          # drop the bytes: the tests only need digests and sizes
+        b.data = None
+    return img
+
+
+def setUpModule():
+    global SOURCE, ONE, KILL, CORP
+    if not (os.path.isfile(CROSSDOCK) and os.access(CROSSDOCK, os.X_OK)):
+        raise RuntimeError(f"crossdock binary not found at {CROSSDOCK} "
+                           "(build it, or set CROSSDOCK_BIN)")
+    SOURCE = Registry(name="pipe-src")
+    SOURCE.start()
+    try:
+        client = SOURCE.client()
+        b = corpus.Builder(seed=777)
+        ONE = _push_image(client, b, "one", "one", BIG_SIZE)
+        KILL = _push_image(client, b, "kill", "kill", KILL_SIZE)
+        b._layers.clear()
+        CORP = corpus.build_corpus("corp", big=True, big_size=CORP_BIG_SIZE, outside=False)
+        CORP.push(client)
+    except BaseException:
+        SOURCE.stop()
+        raise
+
+
+def tearDownModule():
+    if SOURCE is not None:
+        SOURCE.stop()
+    if _EMPTY_DOCKER_CONFIG:
+        shutil.rmtree(_EMPTY_DOCKER_CONFIG, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+class PipelineTest(unittest.TestCase):
+    maxDiff = None
+
+    # -- fixtures ----------------------------------------------------------
+    def start_registry(self, name="tgt"):
+        reg = Registry(name=name)
+        reg.start()
+        self.addCleanup(reg.stop)
+        return reg
+
+    def tempdir(self, prefix):
+        d = tempfile.mkdtemp(prefix=prefix)
+        self.addCleanup(shutil.rmtree, d, True)
+        return d
+
+    # -- assertions --------------------------------------------------------
+    def assertExit(self, run, code):
+        self.assertEqual(run.returncode, code, f"expected exit {code}" + run.describe())
+
+    def assertImageMirrored(self, reg, tns, img, run):
+        """NS/app:v1 is on ``reg`` under ``tns`` with the source digest, complete,
+        and the big layer's bytes hash to its digest."""
+        cl = reg.client()
+        repo = f"{tns}/{img.relative}"
+        info = check.manifest(cl, repo, img.tag)
+        self.assertIsNotNone(info, f"{reg.host}/{repo}:{img.tag} missing" + run.describe())
+        self.assertEqual(info.digest, img.digest, f"{reg.host}/{repo}:{img.tag}" + run.describe())
+        self.assertEqual(check.missing_content(cl, repo, img.tag), [], run.describe())
+        self.assertEqual(blob_sha256(reg, repo, img.big_digest), img.big_digest,
+                         f"big layer on {reg.host}/{repo} does not hash to its digest"
+                         + run.describe())
+
+    def assertCorpusMirrored(self, reg, tns, c, run):
+        cl = reg.client()
+        for e in c.in_namespace():
+            repo = f"{tns}/{e.relative}"
+            info = check.manifest(cl, repo, e.tag)
+            self.assertIsNotNone(info, f"{reg.host}/{repo}:{e.tag} missing" + run.describe())
+            self.assertEqual(info.digest, e.digest, f"{reg.host}/{repo}:{e.tag}" + run.describe())
+            self.assertEqual(check.missing_content(cl, repo, e.tag), [],
+                             f"{reg.host}/{repo}:{e.tag}" + run.describe())
+
+    def assertChunkedUpload(self, reg, entries, img, chunk, run):
+        """The big blob reached ``reg`` as PATCHes of one session (as many as
+        chunks) and exactly one final PUT ?digest= after them.  Returns
+        (patches, put)."""
+        d = img.big_digest
+        puts = [e for e in entries if e.method == "PUT" and f"digest={d}" in e.uri.replace("%3A", ":")]
+        self.assertEqual(len(puts), 1, f"{reg.host}: final PUTs of {d}: {puts}" + run.describe())
+        put = puts[0]
+        self.assertEqual(put.status, 201, f"{reg.host}: {put}" + run.describe())
+        sess = put.session
+        self.assertIsNotNone(sess, f"{reg.host}: PUT not on an upload session: {put}")
+        patches = [e for e in entries if e.method == "PATCH" and e.session == sess]
+        want = math.ceil(img.big_size / chunk)
+        self.assertEqual(len(patches), want,
+                         f"{reg.host}: {len(patches)} PATCHes on the session of {d} "
+                         f"({img.big_size} bytes, chunk {chunk}), expected {want}: "
+                         f"{patches}" + run.describe())
+        for p in patches:
+            self.assertEqual(p.status, 202, f"{reg.host}: {p}" + run.describe())
+            self.assertLessEqual(p.t, put.t, f"{reg.host}: PATCH after the final PUT: {p} / {put}")
+        return patches, put
+
+    # -- 1 -----------------------------------------------------------------
+    def test_big_blob_ranged_read_once_chunked_to_two_targets(self):
+        ta = self.start_registry("tgt-a")
+        tb = self.start_registry("tgt-b")
+        src_mark = log_mark(SOURCE)
+        run = crossdock("mirror", f"{SOURCE.host}/one", f"{ta.host}/dst", f"{tb.host}/dst",
+                        "--insecure", "--json")
+        self.assertExit(run, 0)
+        s = run.summary
+        self.assertEqual(s["failed"], 0, run.describe())
+        self.assertEqual(s["copied"], 2, run.describe())
+        for reg in (ta, tb):
+            self.assertImageMirrored(reg, "dst", ONE, run)
+
+        # Source: several 206 ranged GETs for the blob, together exactly its bytes.
+        gets = blob_gets(completed(SOURCE, src_mark), ONE.big_digest)
+        self.assertGreaterEqual(len(gets), 2, f"source GETs of the big blob: {gets}" + run.describe())
+        self.assertTrue(all(g.status == 206 for g in gets),
+                        f"not all ranged (206): {gets}" + run.describe())
+        self.assertEqual(len(gets), DEFAULT_STREAMS,
+                         f"expected {DEFAULT_STREAMS} ranged GETs (--streams default): {gets}")
+        self.assertEqual(sum(g.written for g in gets), ONE.big_size,
+                         f"source GETs of the big blob sum to "
+                         f"{sum(g.written for g in gets)}, blob is {ONE.big_size}: {gets}"
+                         + run.describe())
+        self.assertEqual(s["bytes_read_source"], ONE.unique_bytes, run.describe())
+
+        # Targets: PATCH chunks in one session, then one final PUT each.
+        for reg in (ta, tb):
+            self.assertChunkedUpload(reg, completed(reg), ONE, DEFAULT_CHUNK, run)
+            self.assertEqual(upload_dirs(reg), [], f"upload sessions left on {reg.host}")
+
+        if check.skopeo_available():   # an independent client pulls it, verifying every blob
+            check.skopeo_copy_verify(ta.host, "dst/app", "v1")
+
+    # -- 2 -----------------------------------------------------------------
+    def test_uploads_overlap_throttled_download(self):
+        rate = 12 * MiB       # ~8 s for the ~96 MiB layer
+        tgt = self.start_registry("tgt")
+        with PipeProxy(SOURCE, rate=rate) as px:
+            run = crossdock("mirror", f"{px.host}/one", f"{tgt.host}/dst", "--insecure", "--json")
+        self.assertExit(run, 0)
+        self.assertEqual(px.handler_errors, [])
+        self.assertImageMirrored(tgt, "dst", ONE, run)
+
+        gets = px.timeline("GET", re.escape(ONE.big_digest))
+        self.assertTrue(gets, "no GET of the big blob went through the proxy" + run.describe())
+        self.assertEqual(sum(g.body_bytes for g in gets), ONE.big_size, f"{gets}" + run.describe())
+        first = min(g.t_start for g in gets)
+        last = max(g.t_end for g in gets)
+        self.assertGreater(last - first, 4.0,
+                           f"the throttled download took only {last - first:.1f}s: {gets}")
+
+        patches, put = self.assertChunkedUpload(tgt, completed(tgt), ONE, DEFAULT_CHUNK, run)
+        rel = [round(p.t - first, 2) for p in patches]
+        early = [p for p in patches if p.t < last - 1.0]
+        self.assertTrue(early,
+                        f"no PATCH completed (on the target) at least 1 s before the source's "
+                        f"last GET of the blob completed (at +{last - first:.2f}s): PATCHes at "
+                        f"{rel} s after the first GET started" + run.describe())
+        self.assertGreater(put.t, last,
+                           f"final PUT at +{put.t - first:.2f}s, before the download ended "
+                           f"(+{last - first:.2f}s)" + run.describe())
+
+    # -- 3 -----------------------------------------------------------------
+    def test_source_ignoring_range(self):
+        tgt = self.start_registry("tgt")
+        with PipeProxy(SOURCE, strip_range=True) as px:
+            run = crossdock("mirror", f"{px.host}/one", f"{tgt.host}/dst", "--insecure", "--json")
+        self.assertExit(run, 0)
+        self.assertEqual(px.handler_errors, [])
+        self.assertImageMirrored(tgt, "dst", ONE, run)
+        self.assertGreaterEqual(px.ranges_stripped, 1, "crossdock sent no Range header at all")
+        gets = px.timeline("GET", re.escape(ONE.big_digest))
+        self.assertTrue(gets, run.describe())
+        self.assertTrue(all(g.status == 200 for g in gets), f"{gets}")
+        self.assertTrue(any(g.body_bytes == ONE.big_size for g in gets),
+                        f"no GET delivered the whole blob: {gets}" + run.describe())
+        self.assertEqual(run.summary["bytes_read_source"], ONE.unique_bytes, run.describe())
+
+    # -- 4 -----------------------------------------------------------------
+    def test_cache_reused_for_new_target(self):
+        cache = self.tempdir("crossdock-pipe-cache-")
+        ta = self.start_registry("tgt-a")
+        tb = self.start_registry("tgt-b")
+        unique = CORP.all_blobs(CORP.in_namespace())
+
+        run1 = crossdock("mirror", f"{SOURCE.host}/corp", f"{ta.host}/dst",
+                         "--insecure", "--json", "--cache", cache)
+        self.assertExit(run1, 0)
+        self.assertEqual(run1.summary["bytes_read_source"], sum(b.size for b in unique.values()),
+                         run1.describe())
+        cached = set(os.listdir(os.path.join(cache, "blobs", "sha256")))
+        self.assertEqual(cached, {d.split(":", 1)[1] for d in unique},
+                         "cache content after run 1")
+
+        src_mark = log_mark(SOURCE)
+        run2 = crossdock("mirror", f"{SOURCE.host}/corp", f"{tb.host}/dst",
+                         "--insecure", "--json", "--cache", cache)
+        self.assertExit(run2, 0)
+        s = run2.summary
+        self.assertEqual(s["failed"], 0, run2.describe())
+        self.assertEqual(s["bytes_read_source"], 0, run2.describe())
+        self.assertGreater(s["blobs_from_cache"], 0, run2.describe())
+        self.assertEqual(s["blobs_from_cache"], s["blobs_uploaded"], run2.describe())
+        src_blob_gets = [e for e in completed(SOURCE, src_mark)
+                         if e.method == "GET" and "/blobs/" in e.uri]
+        self.assertEqual(src_blob_gets, [], "run 2 read blobs from the source" + run2.describe())
+        self.assertCorpusMirrored(tb, "dst", CORP, run2)
+
+    # -- 5 -----------------------------------------------------------------
+    def test_killed_run_resumes_from_partial(self):
+        cache = self.tempdir("crossdock-pipe-cache-")
+        tgt = self.start_registry("tgt")
+        hexd = KILL.big_digest.split(":", 1)[1]
+        meta_path = os.path.join(cache, "partial", hexd + ".meta")
+        data_path = os.path.join(cache, "partial", hexd + ".data")
+        chunks = math.ceil(KILL.big_size / CAS_CHUNK)
+        need = math.ceil(0.4 * chunks)
+
+        args = ["mirror", None, f"{tgt.host}/dst", "--insecure", "--json", "--cache", cache]
+        with PipeProxy(SOURCE, rate=16 * MiB) as px:    # ~8 s for the ~128 MiB layer
+            args[1] = f"{px.host}/kill"
+            p = subprocess.Popen([CROSSDOCK] + args, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=base_env())
+            meta = b""
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and p.poll() is None:
+                    try:
+                        with open(meta_path, "rb") as f:
+                            meta = f.read()
+                    except FileNotFoundError:
+                        meta = b""
+                    if (len(meta) - META_HEADER) // META_RECORD >= need:
+                        break
+                    time.sleep(0.05)
+            finally:
+                exited = p.poll()
+                if exited is None:
+                    p.send_signal(signal.SIGKILL)
+                out, err = p.communicate(timeout=30)
+        killed = Run(["(killed)"] + args, p.returncode, out, err, 0)
+        self.assertIsNone(exited, "crossdock finished before it could be killed mid-blob"
+                          + killed.describe())
+        self.assertEqual(p.returncode, -signal.SIGKILL, killed.describe())
+        records = (len(meta) - META_HEADER) // META_RECORD
+        self.assertGreaterEqual(records, need,
+                                f"only {records}/{chunks} chunks verified in the cache within 60 s"
+                                + killed.describe())
+        self.assertTrue(os.path.exists(data_path), "the partial .data is gone after the kill")
+        self.assertTrue(os.path.exists(meta_path), "the partial .meta is gone after the kill")
+        self.assertFalse(os.path.exists(os.path.join(cache, "blobs", "sha256", hexd)),
+                         "the blob was committed before the kill: nothing to resume")
+        # Bytes the polled .meta says are verified (chunk indexes; the last chunk may be short).
+        idx = {struct.unpack_from("<Q", meta, META_HEADER + i * META_RECORD)[0]
+               for i in range(records)}
+        verified = sum(min(CAS_CHUNK, KILL.big_size - i * CAS_CHUNK) for i in idx if i < chunks)
+        on_disk = os.stat(data_path).st_blocks * 512
+
+        src_mark = log_mark(SOURCE)
+        run = crossdock("mirror", f"{SOURCE.host}/kill", f"{tgt.host}/dst",
+                        "--insecure", "--json", "--cache", cache)
+        self.assertExit(run, 0)
+        self.assertImageMirrored(tgt, "dst", KILL, run)
+        read = run.summary["bytes_read_source"]
+        ctx = (f"\nblob {KILL.big_size} bytes; at the kill {records}/{chunks} chunks "
+               f"({verified} bytes) were recorded verified, {on_disk} bytes allocated")
+        self.assertLess(read, KILL.big_size, "the resumed run re-read the whole blob" + ctx
+                        + run.describe())
+        self.assertLessEqual(read, KILL.unique_bytes - verified,
+                             "the resumed run re-read chunks the cache had verified" + ctx
+                             + run.describe())
+        gets = blob_gets(completed(SOURCE, src_mark), KILL.big_digest)
+        self.assertLess(sum(g.written for g in gets), KILL.big_size, f"{gets}" + ctx)
+        self.assertFalse(os.path.exists(data_path), "partial .data left after the commit")
+
+    # -- 6 -----------------------------------------------------------------
+    def test_target_refusing_patch_gets_monolithic_put(self):
+        tgt = self.start_registry("tgt")
+        refuse = Fault("PATCH", r"/blobs/uploads/", "respond", status=405,
+                       name="refuse PATCH")
+        with FaultProxy(tgt, [refuse]) as tpx:
+            run = crossdock("mirror", f"{SOURCE.host}/one", f"{tpx.host}/dst",
+                            "--insecure", "--json")
+        self.assertExit(run, 0)
+        self.assertIsNone(tpx.error)
+        self.assertGreaterEqual(refuse.hits, 1, "crossdock never tried PATCH" + run.describe())
+        self.assertImageMirrored(tgt, "dst", ONE, run)
+        entries = completed(tgt)
+        self.assertEqual([e for e in entries if e.method == "PATCH"], [])
+        d = ONE.big_digest
+        puts = [e for e in entries if e.method == "PUT" and f"digest={d}" in e.uri.replace("%3A", ":")]
+        self.assertEqual([p.status for p in puts], [201], f"{puts}" + run.describe())
+        self.assertEqual(upload_dirs(tgt), [], "upload sessions left on the target"
+                         + run.describe())
+
+    # -- 7 -----------------------------------------------------------------
+    def test_failed_download_leaves_no_upload_sessions(self):
+        ta = self.start_registry("tgt-a")
+        tb = self.start_registry("tgt-b")
+        with PipeProxy(SOURCE, corrupt=re.escape(ONE.big_digest)) as px:
+            run = crossdock("mirror", f"{px.host}/one", f"{ta.host}/dst", f"{tb.host}/dst",
+                            "--insecure", "--json")
+        self.assertExit(run, 1)
+        self.assertGreaterEqual(px.corrupted, 1, "the proxy corrupted nothing" + run.describe())
+        s = run.summary
+        self.assertEqual(s["failed"], 2, run.describe())
+        for it in s["items"]:
+            self.assertEqual(it["action"], "failed", run.describe())
+            self.assertRegex(it["reason"], r"(?i)digest|sha256", run.describe())
+        for reg in (ta, tb):
+            cl = reg.client()
+            entries = completed(reg)
+            self.assertIsNone(check.manifest(cl, "dst/app", "v1"),
+                              f"tag published on {reg.host}" + run.describe())
+            self.assertEqual(check.tags(cl, "dst/app"), [], run.describe())
+            self.assertFalse(cl.blob_exists("dst/app", ONE.big_digest),
+                             f"corrupt blob finalised on {reg.host}")
+            sessions = {e.session for e in entries if e.method == "PATCH"}
+            self.assertTrue(sessions, f"{reg.host} saw no PATCH: the upload never started, "
+                            "nothing to clean up" + run.describe())
+            deleted = {e.session for e in entries if e.method == "DELETE"}
+            self.assertEqual(upload_dirs(reg), [],
+                             f"upload sessions left on {reg.host}; PATCHed sessions "
+                             f"{sorted(sessions)}, DELETEd {sorted(deleted)}" + run.describe())
+
+    # -- 8 -----------------------------------------------------------------
+    def test_three_targets_read_once(self):
+        tgts = [self.start_registry(f"tgt-{i}") for i in range(3)]
+        src_mark = log_mark(SOURCE)
+        run = crossdock("mirror", f"{SOURCE.host}/corp", *[f"{t.host}/dst" for t in tgts],
+                        "--insecure", "--json")
+        self.assertExit(run, 0)
+        s = run.summary
+        self.assertEqual(s["failed"], 0, run.describe())
+        for t in tgts:
+            self.assertCorpusMirrored(t, "dst", CORP, run)
+        unique = CORP.all_blobs(CORP.in_namespace())
+        total = sum(b.size for b in unique.values())
+        self.assertEqual(s["bytes_read_source"], total,
+                         f"unique blob bytes {total} in {len(unique)} blobs" + run.describe())
+        entries = completed(SOURCE, src_mark)
+        for d, b in unique.items():
+            gets = blob_gets(entries, d)
+            self.assertEqual(sum(g.written for g in gets), b.size,
+                             f"source GETs of {d} ({b.label}, {b.size} bytes): {gets}")
+        stray = [e for e in entries if e.method == "GET" and "/blobs/sha256:" in e.uri
+                 and not any(d in e.uri for d in unique)]
+        self.assertEqual(stray, [])
+        big = blob_gets(entries, CORP.big_layer.digest)
+        self.assertTrue(all(g.status == 206 for g in big) and len(big) >= 2,
+                        f"the {CORP.big_layer.size}-byte layer was not fetched by ranges: {big}")
+
+
+if __name__ == "__main__":
+    unittest.main()
