@@ -198,9 +198,26 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
                 }
                 continue;
             }
+            const uint64_t asked = want - done;
             done += sink.received_;
             if (!res.ok()) continue;  // cut or stalled: resume from where this attempt stopped
             const long status = res->status;
+            if ((status == 200 || status == 206) && sink.received_ < asked) {
+                // A clean, complete response that is shorter than asked: the source's blob is not
+                // the size its manifest declares.
+                shared.error = netio::Error::make(what + ": the source sent " + std::to_string(sink.received_) +
+                                                  " bytes where " + std::to_string(asked) +
+                                                  " were asked for; the manifest declares " +
+                                                  std::to_string(blob->size()) + " bytes");
+                break;
+            }
+            if (status == 416) {
+                shared.error = netio::Error::make(what + ": the source cannot serve bytes " +
+                                                  std::to_string(piece.first + done) + "-" + std::to_string(piece.last) +
+                                                  " (HTTP 416): it holds fewer bytes than the " +
+                                                  std::to_string(blob->size()) + " the manifest declares");
+                break;
+            }
             if (status == 404) {
                 shared.error = netio::Error::make(what + ": the source does not have it (HTTP 404)");
                 break;
@@ -209,11 +226,6 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
                 if (planner::is_retryable_status(status)) continue;
                 shared.error = netio::Error::make(what + ": HTTP " + std::to_string(status) +
                                                   (sink.error_body_.empty() ? "" : " " + clean(sink.error_body_)));
-                break;
-            }
-            if (done < want && sink.received_ == 0) {
-                shared.error = netio::Error::make(what + ": the source sent fewer bytes than the manifest declares (" +
-                                                  std::to_string(blob->size()) + ")");
                 break;
             }
         }

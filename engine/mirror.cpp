@@ -76,7 +76,8 @@ std::string MirrorSummary::to_json() const {
         arr.push_back({{"target", it.target}, {"repository", it.repository}, {"tag", it.tag}, {"digest", it.digest},
                        {"type", it.type}, {"action", it.action}, {"reason", it.reason}, {"bytes", it.bytes}});
     }
-    return j.dump(2);
+    // Registry-provided text may not be UTF-8: replace, never throw.
+    return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 namespace {
@@ -93,26 +94,7 @@ std::string human_bytes(double b) {
     return buf;
 }
 
-// A one-shot result many coroutines can wait for (single flight).
-struct Flight {
-    bool done = false;
-    netio::Status result = netio::ok_status();
-    std::vector<std::coroutine_handle<>> waiters;
-
-    struct Wait {
-        Flight& f;
-        bool await_ready() const noexcept { return f.done; }
-        void await_suspend(std::coroutine_handle<> h) { f.waiters.push_back(h); }
-        netio::Status await_resume() const { return f.result; }
-    };
-    Wait wait() { return Wait{*this}; }
-    void finish(netio::UringLoop& loop, netio::Status r) {
-        done = true;
-        result = std::move(r);
-        for (auto h : waiters) loop.defer([h] { h.resume(); });
-        waiters.clear();
-    }
-};
+using netio::Flight;
 
 struct Target {
     RegistryRef ref;
@@ -418,8 +400,14 @@ private:
             }
         }
         uint64_t bytes = 0;
-        netio::Status st = opts_.dry_run ? co_await missing_bytes(t, rel, dst_repo, m, bytes)
-                                         : co_await push_tree(t, rel, dst_repo, data, m, tag, bytes);
+        // Two statements, not `c ? co_await a : co_await b`: gcc 12 miscompiles that (the result's
+        // storage is destroyed before it is read).
+        netio::Status st = netio::ok_status();
+        if (opts_.dry_run) {
+            st = co_await missing_bytes(t, rel, dst_repo, m, bytes);
+        } else {
+            st = co_await push_tree(t, rel, dst_repo, data, m, tag, bytes);
+        }
         item.bytes = bytes;
         if (!st.ok()) {
             item.action = "failed";

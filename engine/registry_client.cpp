@@ -166,29 +166,17 @@ Task<Status> RegistryClient::authenticate(const std::string& header, const std::
     if (bearer) {
         auth_scheme_ = "bearer";
         challenge_ = bearer->params;
-        auto realm = challenge_.find("realm");
-        if (realm == challenge_.end() || realm->second.empty())
-            co_return error(opts_.host + ": bearer challenge without a realm");
-        std::string u = realm->second;
-        if (auto s = challenge_.find("service"); s != challenge_.end())
-            u = with_query(u, "service=" + url_encode_component(s->second));
-        for (const auto& sc : scopes) u = with_query(u, "scope=" + url_encode_component(sc));
-        auto req = make_request("GET", u);
-        if (opts_.credentials && !opts_.credentials->username.empty())
-            req.headers.emplace_back("Authorization", "Basic " + base64_encode(opts_.credentials->username + ":" +
-                                                                               opts_.credentials->password));
-        auto res = co_await netio::fetch(http_, std::move(req));
-        if (!res.ok()) co_return netio::Error{res.error().code, opts_.host + ": token request failed: " + res.error().message};
-        if (res->status != 200) co_return describe(opts_.host + ": token request refused", *res);
-        auto j = nlohmann::json::parse(res->body, nullptr, false);
-        std::string token;
-        if (j.is_object()) {
-            if (j.contains("token") && j["token"].is_string()) token = j["token"];
-            else if (j.contains("access_token") && j["access_token"].is_string()) token = j["access_token"];
+        const std::string key = join(scopes, " ");
+        // Single flight per scope: concurrent 401s for one scope share one token request.
+        if (auto it = token_flights_.find(key); it != token_flights_.end() && !it->second->done) {
+            auto flight = it->second;
+            co_return co_await flight->wait();
         }
-        if (token.empty()) co_return error(opts_.host + ": token endpoint answered without a token");
-        tokens_[join(scopes, " ")] = token;
-        co_return netio::ok_status();
+        auto flight = std::make_shared<netio::Flight>();
+        token_flights_[key] = flight;
+        auto st = co_await fetch_token(key, scopes);
+        flight->finish(http_.loop(), st);
+        co_return st;
     }
     if (basic) {
         if (!opts_.credentials || opts_.credentials->username.empty())
@@ -203,6 +191,32 @@ Task<Status> RegistryClient::authenticate(const std::string& header, const std::
     }
     co_return netio::Error{std::make_error_code(std::errc::permission_denied),
                            opts_.host + ": unauthorized, and the registry offered no usable authentication scheme"};
+}
+
+Task<Status> RegistryClient::fetch_token(std::string key, std::vector<std::string> scopes) {
+    auto realm = challenge_.find("realm");
+    if (realm == challenge_.end() || realm->second.empty())
+        co_return error(opts_.host + ": bearer challenge without a realm");
+    std::string u = realm->second;
+    if (auto s = challenge_.find("service"); s != challenge_.end())
+        u = with_query(u, "service=" + url_encode_component(s->second));
+    for (const auto& sc : scopes) u = with_query(u, "scope=" + url_encode_component(sc));
+    auto req = make_request("GET", u);
+    if (opts_.credentials && !opts_.credentials->username.empty())
+        req.headers.emplace_back("Authorization", "Basic " + base64_encode(opts_.credentials->username + ":" +
+                                                                           opts_.credentials->password));
+    auto res = co_await netio::fetch(http_, std::move(req));
+    if (!res.ok()) co_return netio::Error{res.error().code, opts_.host + ": token request failed: " + res.error().message};
+    if (res->status != 200) co_return describe(opts_.host + ": token request refused", *res);
+    auto j = nlohmann::json::parse(res->body, nullptr, false);
+    std::string token;
+    if (j.is_object()) {
+        if (j.contains("token") && j["token"].is_string()) token = j["token"];
+        else if (j.contains("access_token") && j["access_token"].is_string()) token = j["access_token"];
+    }
+    if (token.empty()) co_return error(opts_.host + ": token endpoint answered without a token");
+    tokens_[key] = token;
+    co_return netio::ok_status();
 }
 
 Task<Status> RegistryClient::ping() {

@@ -104,6 +104,7 @@ private:
     Task<Result<netio::Response>> send_once(netio::Request& req, const std::vector<std::string>& scopes,
                                             netio::BodySink* sink);
     Task<Status> authenticate(const std::string& challenge_header, const std::vector<std::string>& scopes);
+    Task<Status> fetch_token(std::string key, std::vector<std::string> scopes);
     Task<Status> upload_once(const std::string& repo, const std::string& digest, uint64_t size,
                              const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,
@@ -119,6 +120,7 @@ private:
     std::string auth_scheme_;                       // "", "basic", "bearer"
     std::map<std::string, std::string> challenge_;  // bearer params from the last challenge
     std::map<std::string, std::string> tokens_;     // scope key -> bearer token
+    std::map<std::string, std::shared_ptr<netio::Flight>> token_flights_;  // scope key -> fetch in flight
     planner::Backoff backoff_;
 };
 

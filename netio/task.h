@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "netio/http_client.h"
 #include "netio/uring_loop.h"
@@ -248,6 +249,29 @@ private:
     UringLoop& loop_;
     size_t count_ = 0;
     std::coroutine_handle<> waiter_;
+};
+
+// A one-shot Status many coroutines can wait for (single flight): the first caller does the work
+// and finish()es; the others co_await wait() and get the same result.
+struct Flight {
+    bool done = false;
+    Status result = ok_status();
+    std::vector<std::coroutine_handle<>> waiters;
+
+    struct Wait {
+        Flight& f;
+        bool await_ready() const noexcept { return f.done; }
+        void await_suspend(std::coroutine_handle<> h) { f.waiters.push_back(h); }
+        Status await_resume() const { return f.result; }
+    };
+    Wait wait() { return Wait{*this}; }
+    // Waiters are resumed from the loop's deferred queue, not from inside this call.
+    void finish(UringLoop& loop, Status r) {
+        done = true;
+        result = std::move(r);
+        for (auto h : waiters) loop.defer([h] { h.resume(); });
+        waiters.clear();
+    }
 };
 
 // Runs `t` on `loop` until it completes; returns its value. For main()s and tests.
