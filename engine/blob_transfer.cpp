@@ -291,7 +291,17 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
 
 long CasRangeSource::read(std::span<char> buf) noexcept {
     if (pos_ >= length_) return 0;
-    if (blob_->state() == cas::BlobState::failed) return kAbort;
+    if (blob_->state() == cas::BlobState::failed) {
+        // Finish this request with filler bytes rather than abort it: a registry that received part
+        // of a PATCH holds a session whose state token we no longer know (distribution answers 404
+        // "upload resumed at wrong offset" to GET and DELETE), so it could not be cancelled. A
+        // completed PATCH gives a fresh Location, the caller never finalises (the verdict is an
+        // error) and cancels the session with it.
+        const uint64_t n = std::min<uint64_t>(buf.size(), length_ - pos_);
+        std::memset(buf.data(), 0, n);
+        pos_ += n;
+        return static_cast<long>(n);
+    }
     const uint64_t available_end =
         blob_->state() == cas::BlobState::committed ? blob_->size() : blob_->watermark();
     const uint64_t cur = offset_ + pos_;

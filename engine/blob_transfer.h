@@ -20,7 +20,7 @@ struct FillOptions {
     unsigned streams = 4;                        // parallel ranged GETs for a large blob
     uint64_t range_threshold_bytes = 32u << 20;  // blobs below this use one stream
     int attempts = 4;                            // per range, resuming where the last attempt stopped
-    uint64_t max_inflight_bytes = 8u << 20;      // per stream: writes queued to the cache before pausing
+    uint64_t max_inflight_bytes = 2u << 20;      // per stream: writes queued to the cache before pausing
     uint64_t* live_bytes_read = nullptr;         // if set, counts body bytes as they arrive (progress)
 };
 
@@ -37,8 +37,9 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
                                      FillOptions opts, FillStats& stats);
 
 // The bytes [offset, offset+length) of a blob that may still be filling: read() answers kPause
-// while they are not below the watermark yet and resumes the transfer when they are; kAbort if
-// the blob fails.
+// while they are not below the watermark yet and resumes the transfer when they are. If the blob
+// fails, the rest of the request is filler (zeros) so the session stays cancellable; the upload is
+// never finalised because the blob's verdict is awaited first.
 class CasRangeSource final : public netio::BodySource, public std::enable_shared_from_this<CasRangeSource> {
 public:
     // `sent_counter` (optional) counts bytes handed to the transfer, for progress displays.

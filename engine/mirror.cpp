@@ -108,7 +108,11 @@ struct Target {
 class Mirror {
 public:
     explicit Mirror(const MirrorOptions& o)
-        : opts_(o), http_(loop_), tag_sem_(loop_, std::max(1u, o.jobs)), blob_sem_(loop_, std::max(1u, o.jobs)) {}
+        : opts_(o),
+          http_(loop_),
+          list_sem_(loop_, std::max(1u, o.jobs)),
+          tag_sem_(loop_, 4 * std::max(1u, o.jobs)),
+          blob_sem_(loop_, std::max(1u, o.jobs)) {}
 
     MirrorSummary run() {
         auto t0 = std::chrono::steady_clock::now();
@@ -297,8 +301,8 @@ private:
     Task<void> scan_repo(std::string rel, netio::WaitGroup& wg) {
         std::vector<std::string> tags;
         {
-            co_await tag_sem_.acquire();
-            netio::Semaphore::Permit permit(&tag_sem_);
+            co_await list_sem_.acquire();
+            netio::Semaphore::Permit permit(&list_sem_);
             auto res = co_await source_->tags(join_repo(opts_.source.ns, rel));
             ++repos_scanned_;
             if (!res.ok()) {
@@ -478,7 +482,8 @@ private:
             for (auto& r : results)
                 if (!r.ok()) co_return r;
         }
-        co_return co_await t.client->put_manifest(dst_repo, reference, data.bytes, data.media_type);
+        auto put = co_await t.client->put_manifest(dst_repo, reference, data.bytes, data.media_type);
+        co_return put;
     }
 
     Task<void> run_into(Task<netio::Status> t, netio::Status& out, netio::WaitGroup& wg) {
@@ -495,7 +500,10 @@ private:
     Task<netio::Status> ensure_blob(Target& t, std::string src_repo, std::string dst_repo, Descriptor b,
                                     uint64_t& bytes) {
         const std::string key = dst_repo + "@" + b.digest;
-        if (auto it = t.blob_flights.find(key); it != t.blob_flights.end()) co_return co_await it->second->wait();
+        if (auto it = t.blob_flights.find(key); it != t.blob_flights.end()) {
+            auto shared = co_await it->second->wait();
+            co_return shared;
+        }
         auto& flight = *(t.blob_flights[key] = std::make_unique<Flight>());
         auto st = co_await ensure_blob_once(t, src_repo, dst_repo, b, bytes, flight);
         flight.finish(loop_, st);
@@ -611,6 +619,11 @@ private:
     const MirrorOptions& opts_;
     netio::UringLoop loop_;
     netio::HttpClient http_;
+    // Three limits, so that waiting never holds a permit someone else's progress needs: listing
+    // requests; artifacts in flight (bounds memory: manifests and coroutine frames, and requests
+    // for manifests/HEADs); blob transfers (the bytes on the wire). An artifact waiting for another
+    // one's upload of a shared blob holds an artifact permit, never a blob one.
+    netio::Semaphore list_sem_;
     netio::Semaphore tag_sem_;
     netio::Semaphore blob_sem_;
     std::unique_ptr<RegistryClient> source_;

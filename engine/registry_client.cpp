@@ -119,7 +119,8 @@ Task<Result<netio::Response>> RegistryClient::send_once(netio::Request& req, con
             r.headers.emplace_back("Authorization", "Bearer " + it->second);
     }
     if (r.body_source && !r.body_source->rewind()) co_return error(r.method + " " + r.url + ": body cannot be re-sent");
-    co_return co_await netio::fetch(http_, std::move(r), sink);
+    auto out = co_await netio::fetch(http_, std::move(r), sink);
+    co_return out;
 }
 
 Task<Result<netio::Response>> RegistryClient::send(netio::Request req, std::vector<std::string> scopes,
@@ -170,7 +171,8 @@ Task<Status> RegistryClient::authenticate(const std::string& header, const std::
         // Single flight per scope: concurrent 401s for one scope share one token request.
         if (auto it = token_flights_.find(key); it != token_flights_.end() && !it->second->done) {
             auto flight = it->second;
-            co_return co_await flight->wait();
+            auto shared = co_await flight->wait();
+            co_return shared;
         }
         auto flight = std::make_shared<netio::Flight>();
         token_flights_[key] = flight;
@@ -337,6 +339,17 @@ Task<Status> RegistryClient::delete_manifest(std::string repo, std::string diges
     co_return netio::ok_status();
 }
 
+Task<Status> RegistryClient::delete_blob(std::string repo, std::string digest) {
+    const std::string what = "DELETE blob " + opts_.host + "/" + repo + "@" + digest;
+    auto res = co_await send(make_request("DELETE", url("/v2/" + repo + "/blobs/" + digest)),
+                             scopes_of("repository:" + repo + ":*"));
+    if (!res.ok()) co_return netio::Error{res.error().code, what + ": " + res.error().message};
+    if (res->status == 202 || res->status == 200 || res->status == 204 || res->status == 404) co_return netio::ok_status();
+    auto e = describe(what, *res);
+    if (res->status == 405) e.code = std::make_error_code(std::errc::operation_not_supported);
+    co_return e;
+}
+
 Task<Result<std::optional<uint64_t>>> RegistryClient::head_blob(std::string repo, std::string digest) {
     auto res = co_await send(make_request("HEAD", url("/v2/" + repo + "/blobs/" + digest)), scopes_of(pull_scope(repo)));
     if (!res.ok()) co_return res.error();
@@ -351,7 +364,8 @@ Task<Result<netio::Response>> RegistryClient::get_blob(std::string repo, std::st
     auto req = make_request("GET", url("/v2/" + repo + "/blobs/" + digest));
     req.timeout_ms = 0;  // large blobs: the low-speed limit catches a stalled transfer instead
     req.range = range;
-    co_return co_await send(std::move(req), scopes_of(pull_scope(repo)), sink, /*retry=*/false);
+    auto out = co_await send(std::move(req), scopes_of(pull_scope(repo)), sink, /*retry=*/false);
+    co_return out;
 }
 
 Task<Result<bool>> RegistryClient::mount_blob(std::string repo, std::string digest, std::string from_repo) {
@@ -366,6 +380,17 @@ Task<Result<bool>> RegistryClient::mount_blob(std::string repo, std::string dige
         if (!loc.empty()) (void)co_await send(make_request("DELETE", loc), scopes_of(push_scope(repo)), nullptr, false);
     }
     co_return false;
+}
+
+Task<Status> RegistryClient::await_ready(const Finalizable& ready) {
+    if (!ready) co_return netio::ok_status();
+    auto st = co_await ready();
+    co_return st;
+}
+
+Task<void> RegistryClient::cancel_upload(std::string session, std::vector<std::string> scopes) {
+    auto req = make_request("DELETE", std::move(session));
+    (void)co_await send(std::move(req), std::move(scopes), nullptr, false);
 }
 
 Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body,
@@ -400,33 +425,39 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
     uint64_t chunk = opts_.chunk_size_bytes;
     if (auto m = res->header("OCI-Chunk-Min-Length"); !m.empty()) chunk = std::max<uint64_t>(chunk, std::strtoull(m.c_str(), nullptr, 10));
 
-    auto cancel_session = [&](std::string session) -> Task<void> {
-        (void)co_await send(make_request("DELETE", session), scopes, nullptr, false);
-    };
-    auto fail = [&](netio::Error e) -> Task<Status> {
-        co_await cancel_session(loc);
-        co_return e;
-    };
-
-    auto verified = [&]() -> Task<Status> {
-        if (!ready) co_return netio::ok_status();
-        co_return co_await ready();
-    };
+    // Not lambdas, and no `co_return co_await`: gcc 12 double-destroys the result in such
+    // expressions (seen: a double free of an Error message under ASan).
     if (size <= chunk || !allow_chunked) {
         // A monolithic PUT finalises the blob: its content must be verified before it is sent.
-        if (auto st = co_await verified(); !st.ok()) co_return co_await fail(st.error());
+        if (auto st = co_await await_ready(ready); !st.ok()) {
+            netio::Error fail_err = st.error();
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
         put.timeout_ms = 0;
         put.headers.emplace_back("Content-Type", "application/octet-stream");
         put.body_source = body(0, size);
         if (!put.body_source)
-            co_return co_await fail(netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"});
+            {
+            netio::Error fail_err = netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         auto r = co_await send(put, scopes, nullptr, false);
-        if (!r.ok()) co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
+        if (!r.ok()) {
+            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         if (r->status != 201) {
             auto e = describe(what + ": PUT", *r);
             if (r->status == 400) e.code = std::make_error_code(std::errc::invalid_argument);
-            co_return co_await fail(e);
+            {
+            netio::Error fail_err = e;
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         }
         std::string got = r->header("Docker-Content-Digest");
         if (!got.empty() && got != digest) co_return error(what + ": the registry stored " + got);
@@ -442,7 +473,11 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         patch.headers.emplace_back("Content-Range", std::to_string(offset) + "-" + std::to_string(offset + len - 1));
         patch.body_source = body(offset, len);
         if (!patch.body_source)
-            co_return co_await fail(netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"});
+            {
+            netio::Error fail_err = netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         auto r = co_await send(patch, scopes, nullptr, false);
         if (!r.ok()) {
             // Where the registry allows it, resume from the offset it reports (GET on the session
@@ -468,27 +503,47 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
                     }
                 }
             }
-            co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
+            {
+            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         }
         if (r->status != 202) {
             auto e = describe(what + ": PATCH", *r);
             if (offset == 0 && (r->status == 405 || r->status == 501 || r->status == 400 || r->status == 416))
                 e.code = std::make_error_code(std::errc::operation_not_supported);
-            co_return co_await fail(e);
+            {
+            netio::Error fail_err = e;
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
         }
         std::string next = resolve_location(*r, loc);
         if (!next.empty()) loc = next;  // always follow the newest Location
         offset += len;
     }
     // Every byte is on the target's session; finalise only once the sha256 is verified.
-    if (auto st = co_await verified(); !st.ok()) co_return co_await fail(st.error());
+    if (auto st = co_await await_ready(ready); !st.ok()) {
+            netio::Error fail_err = st.error();
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
     auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
     auto r = co_await send(put, scopes, nullptr, false);
-    if (!r.ok()) co_return co_await fail(netio::Error{r.error().code, what + ": " + r.error().message});
+    if (!r.ok()) {
+            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
     if (r->status != 201) {
         auto e = describe(what + ": PUT", *r);
         if (r->status == 400) e.code = std::make_error_code(std::errc::invalid_argument);
-        co_return co_await fail(e);
+        {
+            netio::Error fail_err = e;
+            co_await cancel_upload(loc, scopes);
+            co_return fail_err;
+        }
     }
     std::string got = r->header("Docker-Content-Digest");
     if (!got.empty() && got != digest) co_return error(what + ": the registry stored " + got);

@@ -76,6 +76,11 @@ public:
     // PUT exactly these bytes; checks the registry's Docker-Content-Digest against sha256(bytes).
     Task<Status> put_manifest(std::string repo, std::string reference, std::string bytes, std::string media_type);
     Task<Status> delete_manifest(std::string repo, std::string digest);
+    // DELETE a blob's link from a repository (the registry reclaims the bytes at garbage collection).
+    // 404 counts as done. A registry that refuses deletes (distribution without
+    // storage.delete.enabled answers 405 UNSUPPORTED) gives std::errc::operation_not_supported.
+    // Bearer scope "repository:<repo>:*": distribution 2.x requires the "*" action for DELETE.
+    Task<Status> delete_blob(std::string repo, std::string digest);
     // Size of the blob if the repository has it, nullopt on 404.
     Task<Result<std::optional<uint64_t>>> head_blob(std::string repo, std::string digest);
     // Streams the blob (optionally a range) into `sink`. The Response carries status and headers.
@@ -107,6 +112,8 @@ private:
     Task<Status> fetch_token(std::string key, std::vector<std::string> scopes);
     Task<Status> upload_once(const std::string& repo, const std::string& digest, uint64_t size,
                              const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked);
+    Task<Status> await_ready(const Finalizable& ready);
+    Task<void> cancel_upload(std::string session, std::vector<std::string> scopes);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,
                                                      std::vector<std::string> scopes);
     netio::Request make_request(std::string method, std::string url) const;

@@ -51,7 +51,7 @@ struct MirrorArgs {
     std::string repo_regex, tag_regex, type = "all", target_namespace, ca_file, src_creds, dest_creds, authfile,
         cache_dir;
     bool overwrite = false, dry_run = false, insecure = false, json = false, fail_fast = false, quiet = false;
-    unsigned jobs = 4;
+    unsigned jobs = 8;
     unsigned streams = 4;
     uint64_t chunk_mib = 16;
     uint64_t cache_cap_gib = 16;
