@@ -172,10 +172,6 @@ BlobBodyFactory synthetic_factory(uint64_t seed, SigFlag interrupted) {
 class DiscardSink final : public netio::BodySink {
 public:
     explicit DiscardSink(SigFlag interrupted) : interrupted_(interrupted) {}
-    bool on_response_head(long status, const netio::Headers&) noexcept override {
-        status_ = status;
-        return true;
-    }
     netio::Offer offer(std::span<const char> data) noexcept override {
         if (interrupted_ && *interrupted_) return netio::Offer::error;
         bytes_ += data.size();
@@ -185,7 +181,6 @@ public:
 
 private:
     SigFlag interrupted_;
-    long status_ = 0;
     uint64_t bytes_ = 0;
 };
 
@@ -384,6 +379,7 @@ Task<int> BenchLink::main_task() {
     co_await cleanup();
     if (!st.ok()) {
         fail(st.error().message);
+        fail(strf("cleanup: %zu of the %zu blob(s) bench-link uploaded deleted", report_.blobs_deleted, report_.blobs_created));
         if (!report_.left.empty()) {
             fail(strf("%zu blob(s) could not be deleted:", report_.left.size()));
             for (const auto& l : report_.left) std::fprintf(stderr, "  %s\n", l.c_str());
@@ -527,33 +523,41 @@ Task<netio::Status> BenchLink::measure_get() {
     co_return netio::ok_status();
 }
 
+// The chunk sizes (and monolithic) take turns at each stream count rather than running one after
+// the other: a registry that slows down as it fills (dirty page writeback on its disk) then
+// penalises every series alike, and a row of the table compares like with like.
 Task<netio::Status> BenchLink::measure_put() {
     std::vector<uint64_t> variants = opts_.chunk_sizes;
     variants.push_back(0);  // monolithic
     SyntheticBlob warm = make_blob(rng_, kWarmupBlobBytes);
     created_.push_back(Created{false, target_repo_, warm.digest});
 
+    std::vector<std::unique_ptr<RegistryClient>> clients;
+    std::vector<std::string> labels;
     for (uint64_t chunk : variants) {
-        const std::string label = chunk ? "PUT " + size_label(chunk) + " chunks" : "PUT monolithic";
+        labels.push_back(chunk ? "PUT " + size_label(chunk) + " chunks" : "PUT monolithic");
         RegistryOptions ro = registry_options(opts_.target.host, target_creds_);
         ro.chunk_size_bytes = chunk ? chunk : std::numeric_limits<uint64_t>::max();
         // A measurement with retries in it measures the retries: one retry for a blip, no more.
         ro.backoff.max_attempts = 2;
-        RegistryClient client(http_, std::move(ro));
-        if (auto st = co_await client.ping(); !st.ok()) co_return netio::Error{st.error().code, "target " + st.error().message};
+        clients.push_back(std::make_unique<RegistryClient>(http_, std::move(ro)));
+        RegistryClient* client = clients.back().get();
+        if (auto st = co_await client->ping(); !st.ok()) co_return netio::Error{st.error().code, "target " + st.error().message};
         // Warm-up (not timed): the push token and a connection.
-        {
-            BlobBodyFactory body = synthetic_factory(warm.seed, opts_.interrupted);
-            RegistryClient::Finalizable ready;
-            auto st = co_await client.upload_blob(target_repo_, warm.digest, warm.size, std::move(body), std::move(ready));
-            if (interrupted()) co_return interrupted_error();
-            if (!st.ok()) co_return netio::Error{st.error().code, label + ", warm-up upload: " + st.error().message};
-        }
-
+        BlobBodyFactory body = synthetic_factory(warm.seed, opts_.interrupted);
+        RegistryClient::Finalizable ready;
+        auto st = co_await client->upload_blob(target_repo_, warm.digest, warm.size, std::move(body), std::move(ready));
+        if (interrupted()) co_return interrupted_error();
+        if (!st.ok()) co_return netio::Error{st.error().code, labels.back() + ", warm-up upload: " + st.error().message};
         PutSeries series;
         series.chunk_size_bytes = chunk;
-        for (unsigned n : opts_.streams) {
-            const std::vector<uint64_t> sizes = split_sizes(opts_.blob_bytes, n);
+        report_.put.push_back(std::move(series));
+    }
+
+    for (unsigned n : opts_.streams) {
+        const std::vector<uint64_t> sizes = split_sizes(opts_.blob_bytes, n);
+        for (size_t v = 0; v < variants.size(); ++v) {
+            const uint64_t chunk = variants[v];
             BenchRun run;
             run.streams = n;
             run.upload_bytes = sizes.front();
@@ -572,7 +576,7 @@ Task<netio::Status> BenchLink::measure_put() {
                 wg.add(n);
                 const auto t0 = Clock::now();
                 for (unsigned k = 0; k < n; ++k) {
-                    Task<void> t = put_blob(&client, target_repo_, blobs[k], opts_.interrupted, &outs[k], &wg);
+                    Task<void> t = put_blob(clients[v].get(), target_repo_, blobs[k], opts_.interrupted, &outs[k], &wg);
                     netio::spawn(std::move(t));
                 }
                 co_await wg.wait();
@@ -580,17 +584,16 @@ Task<netio::Status> BenchLink::measure_put() {
                 if (interrupted()) co_return interrupted_error();
                 for (unsigned k = 0; k < n; ++k) {
                     if (outs[k])
-                        co_return netio::Error{outs[k]->code, label + strf(", %u parallel upload(s): ", n) + outs[k]->message};
+                        co_return netio::Error{outs[k]->code, labels[v] + strf(", %u parallel upload(s): ", n) + outs[k]->message};
                 }
                 run.bytes += opts_.blob_bytes;
                 run.seconds += seconds_between(t0, t1);
                 ++run.passes;
             }
-            log(strf("%-18s %2u upload(s) of %s: %9.1f MiB/s (%u pass%s)", label.c_str(), n,
+            log(strf("%-18s %2u upload(s) of %s: %9.1f MiB/s (%u pass%s)", labels[v].c_str(), n,
                      size_label(run.upload_bytes).c_str(), run.mib_per_s(), run.passes, run.passes == 1 ? "" : "es"));
-            series.runs.push_back(run);
+            report_.put[v].runs.push_back(run);
         }
-        report_.put.push_back(std::move(series));
     }
     co_return netio::ok_status();
 }
@@ -633,7 +636,9 @@ Task<void> BenchLink::cleanup() {
             report_.left.push_back(host + "/" + c.repo + "@" + c.digest);
             if (o && o->code == std::errc::operation_not_supported) {
                 report_.deletes_unsupported = true;
-                unsupported.emplace(host, o->message);
+                // The registry's answer, without the request (host, repository, digest) in front.
+                const auto http = o->message.find("HTTP ");
+                unsupported.emplace(host, http == std::string::npos ? o->message : o->message.substr(http));
             } else if (o) {
                 ++delete_errors_;
                 report_.notes.push_back("could not delete " + host + "/" + c.repo + "@" + c.digest + ": " + o->message);
@@ -641,8 +646,8 @@ Task<void> BenchLink::cleanup() {
         }
     }
     for (const auto& [host, msg] : unsupported)
-        report_.notes.push_back(host + " refuses deletes (" + msg + "); distribution needs storage.delete.enabled: " +
-                                "the blobs listed under \"left\" stay until its garbage collection removes them");
+        report_.notes.push_back(host + " refuses deletes (" + msg + "; distribution needs storage.delete.enabled). " +
+                                "The blobs left there are in no manifest: the registry's garbage collection removes them");
 }
 
 int BenchLink::finish_report() {
@@ -923,18 +928,23 @@ std::string bench_link_text(const BenchLinkReport& r, const LinkRecommendation& 
 
     if (rec.valid) {
         t += "recommended settings\n";
-        t += strf("  --streams %-10u GET reaches %.1f MiB/s with %u stream(s) (best %.1f MiB/s with %u; smallest within %.0f%%)\n",
-                  rec.streams, [&] {
-                      for (const auto& g : r.get)
-                          if (g.streams == rec.streams) return g.mib_per_s();
-                      return 0.0;
-                  }(), rec.streams, rec.best_get_mib_per_s, rec.best_get_streams, kStreamsTolerance * 100);
+        double at_streams = 0;
+        for (const auto& g : r.get)
+            if (g.streams == rec.streams) at_streams = g.mib_per_s();
+        if (rec.streams == rec.best_get_streams)
+            t += strf("  --streams %-10u GET reaches %.1f MiB/s with %u stream(s), the best measured\n", rec.streams,
+                      at_streams, rec.streams);
+        else
+            t += strf("  --streams %-10u GET reaches %.1f MiB/s with %u stream(s), within %.0f%% of the best (%.1f MiB/s "
+                      "with %u)\n",
+                      rec.streams, at_streams, rec.streams, kStreamsTolerance * 100, rec.best_get_mib_per_s,
+                      rec.best_get_streams);
         if (rec.chunk_size_bytes)
             t += strf("  --chunk-size %-7llu chunked PUT reaches %.1f MiB/s with %s chunks (best chunked; monolithic: %.1f MiB/s)\n",
                       static_cast<unsigned long long>(chunk_flag_mib(rec.chunk_size_bytes)), rec.chunked_put_mib_per_s,
                       size_label(rec.chunk_size_bytes).c_str(), rec.best_monolithic_mib_per_s);
         const std::string bw = strf("%lluMiB/s", static_cast<unsigned long long>(rec.bandwidth_mib_per_s));
-        t += strf("  --bandwidth %-8s %.0f%% of the link capacity, min(best GET, best PUT) = %.1f MiB/s\n", bw.c_str(),
+        t += strf("  --bandwidth %-8s %.0f%% of the link's capacity: min(best GET, best PUT) = %.1f MiB/s\n", bw.c_str(),
                   kBandwidthShare * 100, rec.capacity_mib_per_s);
         t += strf("  uploads: %u in parallel reach %.1f MiB/s (crossdock mirror --jobs bounds the blobs in flight)\n",
                   rec.put_streams, [&] {

@@ -8,13 +8,16 @@
 //      blob of `blob_bytes` is uploaded to the source scratch repository (untimed), then read as N
 //      concurrent ranged GETs that split it into N near-equal ranges (bodies discarded). Aggregate
 //      MiB/s = bytes received / wall time from the first request to the last byte.
-//   3. PUT to the TARGET, for each chunk size in `chunk_sizes` and monolithic, for each N: N
-//      concurrent uploads of distinct synthetic blobs of blob_bytes/N each (so every run moves
-//      blob_bytes, like a GET run, and the total time stays bounded), POST + PATCH chunks + PUT as
+//   3. PUT to the TARGET, for each N, for each chunk size in `chunk_sizes` and monolithic (taking
+//      turns, so a registry that slows down as it fills penalises every series alike): N
+//      concurrent uploads of distinct synthetic blobs of blob_bytes/N each (so every pass moves
+//      blob_bytes, like a GET pass, and the total time stays bounded), POST + PATCH chunks + PUT as
 //      `crossdock mirror` does. An upload no larger than the chunk size goes in one PUT, as in the
 //      mirror; such runs are flagged `single_put`.
-// Nothing of this is timed: digests (computed before each run), connection and token set-up (a
-// small warm-up request per client before its runs).
+// A pass shorter than 0.5 s (a fast link) is repeated, at most 3 passes per cell, and the cell
+// reports their total bytes over their total time. Nothing of this is timed: digests (computed
+// before each pass), connection and token set-up (a small warm-up request per client first).
+// Timed requests get one retry at most (a retry inside a measurement measures the retry).
 //
 // Safety: the scratch repository is `<ns>/<repo>` under each of SOURCE's and TARGET's namespaces,
 // by default `crossdock-bench-link/<8 random hex>`. Before writing anything, a repository that

@@ -27,9 +27,9 @@ struct StreamState {
 class CasSink final : public netio::BodySink {
 public:
     CasSink(netio::UringLoop& loop, cas::BlobRef blob, uint64_t first, uint64_t end, uint64_t max_inflight,
-            bool* whole_claimed, uint64_t* live_counter)
+            bool* whole_claimed, uint64_t* live_counter, Throttle* throttle)
         : blob_(std::move(blob)), first_(first), end_(end), max_inflight_(max_inflight), whole_claimed_(whole_claimed),
-          live_counter_(live_counter),
+          live_counter_(live_counter), throttle_(throttle),
           st_(std::make_shared<StreamState>()) {
         st_->loop = &loop;
         st_->max_inflight_bytes = max_inflight;
@@ -65,6 +65,7 @@ public:
             st_->paused = true;
             return netio::Offer::full;
         }
+        if (throttle_ && !throttle_->admit(st_->resume)) return netio::Offer::full;  // over the link's cap
         auto buf = std::make_shared<std::vector<char>>(data.begin(), data.end());
         st_->inflight_bytes += buf->size();
         auto st = st_;
@@ -83,6 +84,7 @@ public:
         received_ += data.size();
         bytes_read_ += data.size();
         if (live_counter_) *live_counter_ += data.size();
+        if (throttle_) throttle_->charge(data.size());
         return netio::Offer::taken;
     }
 
@@ -113,11 +115,14 @@ private:
     uint64_t max_inflight_;
     bool* whole_claimed_;
     uint64_t* live_counter_;
+    Throttle* throttle_;
     std::shared_ptr<StreamState> st_;
 };
 
 struct FillShared {
     std::deque<netio::ByteRange> pieces;
+    unsigned active = 0;                // workers running
+    std::function<void()> add_worker;   // starts one more worker (streams_now grew)
     bool whole_claimed = false;
     bool whole_done = false;
     std::optional<netio::Error> error;
@@ -153,6 +158,9 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
     const std::string what = "blob " + blob->digest() + " from " + source.host() + "/" + repo;
     netio::UringLoop& loop = source.loop();
     while (!shared.pieces.empty() && !shared.error && !shared.whole_done) {
+        // The planner may want more streams on this link than when the blob started.
+        if (opts.streams_now && shared.add_worker && shared.pieces.size() > 1 && shared.active < opts.streams_now())
+            shared.add_worker();
         netio::ByteRange piece = shared.pieces.front();
         shared.pieces.pop_front();
         uint64_t done = 0;
@@ -168,7 +176,7 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
             if (attempt > 0) co_await netio::sleep_for(loop, std::chrono::milliseconds(200 << std::min(attempt, 5)));
             ++attempt;
             CasSink sink(loop, blob, piece.first + done, piece.last + 1, opts.max_inflight_bytes, &shared.whole_claimed,
-                         opts.live_bytes_read);
+                         opts.live_bytes_read, opts.throttle);
             std::optional<netio::ByteRange> range;
             if (ranged || done > 0) range = netio::ByteRange{piece.first + done, piece.last};
             auto res = co_await source.get_blob(repo, blob->digest(), &sink, range);
@@ -247,15 +255,25 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
     auto missing = blob->missing_ranges();
     if (!missing.empty()) {
         const bool whole = missing.size() == 1 && missing[0].first == 0 && missing[0].last + 1 == blob->size();
-        const unsigned streams = blob->size() >= opts.range_threshold_bytes ? std::max(1u, opts.streams) : 1u;
+        const bool large = blob->size() >= opts.range_threshold_bytes;
+        unsigned streams = large ? std::max(1u, opts.streams) : 1u;
+        if (large && opts.streams_now) streams = std::max(1u, opts.streams_now());
         FillShared shared;
-        shared.pieces = cut(missing, streams, blob->chunk_bytes());
+        // Pieces taken in order from one queue, not one contiguous share per stream: every stream
+        // works just ahead of the verified prefix, so the prefix (which uploads follow) advances
+        // at the aggregate rate, and streams joining later find work.
+        const uint64_t piece = std::clamp<uint64_t>(blob->size() / (std::max(1u, streams) * 4), opts.piece_bytes,
+                                                    4 * opts.piece_bytes);
+        shared.pieces = large ? cut(missing, static_cast<unsigned>((blob->size() + piece - 1) / piece),
+                                    blob->chunk_bytes())
+                              : cut(missing, 1, blob->chunk_bytes());
         const bool ranged = !(whole && shared.pieces.size() == 1);
         const unsigned workers = std::min<unsigned>(streams, static_cast<unsigned>(shared.pieces.size()));
-        stats.streams_used = std::max(stats.streams_used, workers);
         netio::WaitGroup wg(source.loop());
-        for (unsigned i = 0; i < workers; ++i) {
+        shared.add_worker = [&source, &repo, blob, &opts, &stats, &shared, ranged, &wg] {
             wg.add();
+            ++shared.active;
+            stats.streams_used = std::max(stats.streams_used, shared.active);
             netio::spawn([](RegistryClient& src, const std::string& r, cas::BlobRef b, const FillOptions& o,
                             FillStats& s, FillShared& sh, bool rg, netio::WaitGroup& w) -> netio::Task<void> {
                 try {
@@ -263,10 +281,13 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
                 } catch (const std::exception& e) {
                     if (!sh.error) sh.error = netio::Error::make(std::string("internal error: ") + e.what());
                 }
+                --sh.active;
                 w.done();
             }(source, repo, blob, opts, stats, shared, ranged, wg));
-        }
+        };
+        for (unsigned i = 0; i < workers; ++i) shared.add_worker();
         co_await wg.wait();
+        shared.add_worker = nullptr;
         if (shared.error) {
             blob->fail(*shared.error);
             co_return *shared.error;
@@ -318,6 +339,7 @@ long CasRangeSource::read(std::span<char> buf) noexcept {
         }
         return kPause;
     }
+    if (throttle_ && !throttle_->admit(resume_)) return kPause;  // over the link's cap
     const uint64_t n = std::min<uint64_t>({buf.size(), length_ - pos_, available_end - cur});
     ssize_t got;
     do {
@@ -326,6 +348,7 @@ long CasRangeSource::read(std::span<char> buf) noexcept {
     if (got <= 0) return kAbort;
     pos_ += static_cast<uint64_t>(got);
     if (sent_counter_) *sent_counter_ += static_cast<uint64_t>(got);
+    if (throttle_) throttle_->charge(static_cast<uint64_t>(got));
     return static_cast<long>(got);
 }
 

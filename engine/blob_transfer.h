@@ -11,6 +11,7 @@
 
 #include "cas/blob_store.h"
 #include "engine/registry_client.h"
+#include "engine/throttle.h"
 #include "netio/http_client.h"
 #include "netio/task.h"
 
@@ -22,6 +23,11 @@ struct FillOptions {
     int attempts = 4;                            // per range, resuming where the last attempt stopped
     uint64_t max_inflight_bytes = 2u << 20;      // per stream: writes queued to the cache before pausing
     uint64_t* live_bytes_read = nullptr;         // if set, counts body bytes as they arrive (progress)
+    Throttle* throttle = nullptr;                // if set, downloads obey its link's rate cap
+    // If set, the number of streams wanted for this blob right now (planner's stream tuner): more
+    // workers join while it grows; `streams` is then only the starting count.
+    std::function<unsigned()> streams_now;
+    uint64_t piece_bytes = 16u << 20;            // large blobs are fetched in ranged pieces of 1-4x this
 };
 
 struct FillStats {
@@ -43,8 +49,10 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
 class CasRangeSource final : public netio::BodySource, public std::enable_shared_from_this<CasRangeSource> {
 public:
     // `sent_counter` (optional) counts bytes handed to the transfer, for progress displays.
-    CasRangeSource(cas::BlobRef blob, uint64_t offset, uint64_t length, uint64_t* sent_counter = nullptr)
-        : blob_(std::move(blob)), offset_(offset), length_(length), sent_counter_(sent_counter) {}
+    CasRangeSource(cas::BlobRef blob, uint64_t offset, uint64_t length, uint64_t* sent_counter = nullptr,
+                   std::shared_ptr<Throttle> throttle = nullptr)
+        : blob_(std::move(blob)), offset_(offset), length_(length), sent_counter_(sent_counter),
+          throttle_(std::move(throttle)) {}
     uint64_t length() const noexcept override { return length_; }
     long read(std::span<char> buf) noexcept override;
     bool rewind() noexcept override {
@@ -58,6 +66,7 @@ private:
     uint64_t offset_;
     uint64_t length_;
     uint64_t* sent_counter_;
+    std::shared_ptr<Throttle> throttle_;
     uint64_t pos_ = 0;
     bool waiting_ = false;
     std::function<void()> resume_;

@@ -19,6 +19,9 @@
 #include "engine/blob_transfer.h"
 #include "engine/manifest.h"
 #include "engine/registry_client.h"
+#include "engine/throttle.h"
+#include "planner/stream_tuner.h"
+#include "planner/token_bucket.h"
 #include "netio/task.h"
 #include "netio/unique_fd.h"
 
@@ -98,6 +101,7 @@ using netio::Flight;
 
 struct Target {
     RegistryRef ref;
+    std::shared_ptr<Throttle> throttle;  // uploads to this target (null: no cap)
     std::string label;  // host/ns for messages
     std::unique_ptr<RegistryClient> client;
     std::map<std::string, std::unique_ptr<Flight>> blob_flights;   // repo@digest -> ensure in flight/done
@@ -122,6 +126,7 @@ public:
         if (opts_.progress_tty && opts_.log) progress_timer = schedule_progress();
         netio::run_blocking(loop_, main_task());
         if (progress_timer) loop_.cancel_timer(progress_timer_);
+        if (tuner_timer_) loop_.cancel_timer(tuner_timer_);
         progress_stop_ = true;
         if (opts_.progress_tty && opts_.log) std::fprintf(opts_.log, "\r\033[K");
         return finish(t0);
@@ -245,6 +250,7 @@ private:
             targets_.push_back(std::move(tg));
         }
         if (!summary_.errors.empty()) co_return;
+        setup_planner();
 
         // Reach every registry before any work.
         if (auto st = co_await source_->ping(); !st.ok()) {
@@ -286,6 +292,50 @@ private:
         }
         co_await wg.wait();
         co_await fills_.wait();  // every download has settled before the cache is closed
+    }
+
+    // Links: "source" (every download) and "target:<host/ns>" (uploads to one target), each capped
+    // at --bandwidth; with --streams auto, a tuner sampled once a second sets the download streams.
+    void setup_planner() {
+        const auto now = planner::Clock::now();
+        if (opts_.bandwidth_bytes_per_s > 0) {
+            // Burst: 50 ms worth, at least 256 KiB, so pauses are short and the average exact.
+            const auto burst = std::max<uint64_t>(256u << 10, static_cast<uint64_t>(opts_.bandwidth_bytes_per_s / 20));
+            limiter_.set_link("source", opts_.bandwidth_bytes_per_s, burst, now);
+            source_throttle_ = std::make_unique<Throttle>(loop_, limiter_, "source");
+            for (auto& t : targets_) {
+                limiter_.set_link("target:" + t->label, opts_.bandwidth_bytes_per_s, burst, now);
+                t->throttle = std::make_shared<Throttle>(loop_, limiter_, "target:" + t->label);
+            }
+        }
+        if (opts_.streams_auto) {
+            tuner_ = std::make_unique<planner::StreamTuner>(1, 32);
+            tuner_last_bytes_ = live_read_;
+            tuner_last_time_ = now;
+            schedule_tuner();
+        }
+    }
+
+    void schedule_tuner() {
+        tuner_timer_ = loop_.add_timer(std::chrono::milliseconds(1000), [this] {
+            if (progress_stop_ || !tuner_) return;
+            const auto now = planner::Clock::now();
+            const double secs = std::chrono::duration<double>(now - tuner_last_time_).count();
+            // Only intervals with downloads running say anything about the link.
+            if (fills_.count() > 0 && secs > 0)
+                tuner_->on_sample(static_cast<double>(live_read_ - tuner_last_bytes_) / secs, now);
+            tuner_last_bytes_ = live_read_;
+            tuner_last_time_ = now;
+            schedule_tuner();
+        });
+    }
+
+    // Streams one blob's download should use now: the link's tuned total shared by the blobs
+    // being fetched.
+    unsigned streams_for_blob() const {
+        if (!tuner_) return opts_.streams;
+        const size_t fetching = std::max<size_t>(1, fills_.count());
+        return std::max(1u, static_cast<unsigned>(tuner_->streams() / fetching));
     }
 
     // Runs `t`; an exception (a bug, or bad_alloc) becomes a global error, never a crash.
@@ -553,9 +603,9 @@ private:
         // Named, not temporaries inside the co_await: gcc 12 destroys a lambda temporary with
         // non-trivial captures twice when it spans a suspension.
         planned_bytes_ += b.size;
-        BlobBodyFactory body = [this, blob](uint64_t off, uint64_t len) -> std::shared_ptr<netio::BodySource> {
+        BlobBodyFactory body = [this, blob, &t](uint64_t off, uint64_t len) -> std::shared_ptr<netio::BodySource> {
             if (blob->state() == cas::BlobState::failed) return nullptr;  // no retry can succeed
-            return std::make_shared<CasRangeSource>(blob, off, len, &live_sent_);
+            return std::make_shared<CasRangeSource>(blob, off, len, &live_sent_, t.throttle);
         };
         RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
             return verdict_of(blob);
@@ -603,6 +653,8 @@ private:
         fo.streams = opts_.streams;
         fo.range_threshold_bytes = opts_.range_threshold_bytes;
         fo.live_bytes_read = &live_read_;
+        fo.throttle = source_throttle_.get();
+        if (tuner_) fo.streams_now = [this] { return streams_for_blob(); };
         FillStats stats;
         netio::Status st = netio::ok_status();
         try {
@@ -641,6 +693,12 @@ private:
     size_t in_progress_ = 0;
     uint64_t planned_bytes_ = 0;  // bytes of the uploads started so far
     uint64_t live_read_ = 0;
+    planner::RateLimiter limiter_;
+    std::unique_ptr<Throttle> source_throttle_;
+    std::unique_ptr<planner::StreamTuner> tuner_;
+    uint64_t tuner_last_bytes_ = 0;
+    planner::TimePoint tuner_last_time_;
+    netio::OpId tuner_timer_;
     uint64_t live_sent_ = 0;
     netio::OpId progress_timer_;
     bool progress_stop_ = false;

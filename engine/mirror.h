@@ -54,6 +54,8 @@ struct MirrorOptions {
     uint64_t cache_cap_bytes = 16ull << 30;         // least recently used unpinned blobs evicted above
     uint64_t chunk_size_bytes = 16u << 20;          // PATCH chunk; blobs up to this go in one PUT
     unsigned streams = 4;                           // parallel ranged GETs per large blob
+    bool streams_auto = false;                      // the planner's tuner picks the stream count
+    double bandwidth_bytes_per_s = 0;               // cap per link (source, each target); 0 = none
     uint64_t range_threshold_bytes = 32u << 20;     // blobs from this size use `streams` ranges
     bool progress_tty = false;                      // a live status line on `log`
     FILE* log = stderr;                             // progress and log lines; nullptr = quiet

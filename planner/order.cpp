@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdint>
 #include <numeric>
 #include <utility>
 
@@ -70,12 +71,28 @@ uint64_t total_bytes(const ArtifactGraph& graph, NodeId id) {
 
 std::optional<std::vector<NodeId>> start_order(const ArtifactGraph& g) {
     const size_t n = g.size();
-    // Totals of every non-blob node (blobs: their size), computed once.
+    // Children before parents (Kahn): finds cycles, and lets subtree sums be computed in one
+    // pass. A node left unprocessed is on, or above, a cycle.
+    std::vector<uint32_t> children_left(n);
+    std::vector<NodeId> topo;
+    topo.reserve(n);
+    for (NodeId id = 0; id < n; ++id) {
+        children_left[id] = static_cast<uint32_t>(g.node(id).children.size());
+        if (children_left[id] == 0) topo.push_back(id);
+    }
+    for (size_t i = 0; i < topo.size(); ++i)
+        for (NodeId p : g.node(topo[i]).parents)
+            if (--children_left[p] == 0) topo.push_back(p);
+    if (topo.size() != n) return std::nullopt;
+
+    // Orders children: own size plus the children's sums (a node shared by two children counts
+    // in both; exact dedup per node would be quadratic on deep graphs).
     std::vector<uint64_t> total(n, 0);
-    std::vector<uint32_t> stamp(n, 0);
-    uint32_t mark = 0;
-    for (NodeId id = 0; id < n; ++id)
-        total[id] = g.node(id).kind == NodeKind::blob ? g.node(id).size_bytes : closure_bytes(g, id, stamp, ++mark);
+    for (NodeId id : topo) {
+        uint64_t t = g.node(id).size_bytes;
+        for (NodeId c : g.node(id).children) t = total[c] > UINT64_MAX - t ? UINT64_MAX : t + total[c];
+        total[id] = t;
+    }
 
     // Children in visiting order: manifests/indexes by total ascending, then blobs by size
     // descending; ties keep the order they were added (stable sort).
@@ -90,10 +107,17 @@ std::optional<std::vector<NodeId>> start_order(const ArtifactGraph& g) {
         return c;
     };
 
+    // Orders roots: each node under the root counted once.
     std::vector<NodeId> roots;
-    for (NodeId id = 0; id < n; ++id)
-        if (g.node(id).root || g.node(id).parents.empty()) roots.push_back(id);
-    std::stable_sort(roots.begin(), roots.end(), [&](NodeId a, NodeId b) { return total[a] < total[b]; });
+    std::vector<uint64_t> root_total(n, 0);
+    std::vector<uint32_t> stamp(n, 0);
+    uint32_t mark = 0;
+    for (NodeId id = 0; id < n; ++id) {
+        if (!g.node(id).root && !g.node(id).parents.empty()) continue;
+        roots.push_back(id);
+        root_total[id] = closure_bytes(g, id, stamp, ++mark);
+    }
+    std::stable_sort(roots.begin(), roots.end(), [&](NodeId a, NodeId b) { return root_total[a] < root_total[b]; });
 
     enum : uint8_t { white, gray, black };
     std::vector<uint8_t> color(n, white);
@@ -114,7 +138,7 @@ std::optional<std::vector<NodeId>> start_order(const ArtifactGraph& g) {
             Frame& f = stack.back();
             if (f.next < f.children.size()) {
                 const NodeId c = f.children[f.next++];
-                if (color[c] == gray) return false;  // back edge: a cycle
+                if (color[c] == gray) return false;  // a cycle (excluded above; kept as a guard)
                 if (color[c] == black) continue;
                 color[c] = gray;
                 stack.push_back(Frame{c, ordered_children(c)});  // invalidates f
@@ -128,8 +152,7 @@ std::optional<std::vector<NodeId>> start_order(const ArtifactGraph& g) {
     };
     for (NodeId r : roots)
         if (!visit(r)) return std::nullopt;
-    // Nodes on a cycle with no root above them are unreachable from the roots.
-    if (order.size() != n) return std::nullopt;
+    if (order.size() != n) return std::nullopt;  // unreachable without a cycle; a guard
     return order;
 }
 

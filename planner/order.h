@@ -6,9 +6,10 @@
 // yet" is served by finishing images, not by moving bytes):
 //  - images (roots) by their total bytes, smallest first: the total of a root counts each blob
 //    and manifest under it once, computed once up front (blobs shared with an earlier root are
-//    not discounted);
-//  - under a node: child manifests and indexes first, smallest total first, then its blobs,
-//    largest first: the node may go when its last child is done, and with children running in
+//    not discounted). A root is a node nothing references, or one marked with mark_root();
+//  - under a node: child manifests and indexes first, smallest first (by own size plus their
+//    children's totals; a blob shared by two children counts in both), then its blobs, largest
+//    first: the node may go when its last child is done, and with children running in
 //    parallel, starting the longest first ends the set soonest (LPT);
 //  - every node exactly once, however many parents share it, after all of its children.
 //
@@ -65,7 +66,7 @@ private:
 };
 
 // Every node of `graph` once, each after all of its children, in the order described above.
-// nullopt if the graph has a cycle: content addressing makes a real one impossible, so a cycle
+// O(nodes + edges) plus, per root, the size of what is under it. nullopt if the graph has a cycle: content addressing makes a real one impossible, so a cycle
 // means the input (or the caller) is wrong.
 std::optional<std::vector<NodeId>> start_order(const ArtifactGraph& graph);
 

@@ -4,10 +4,13 @@
 // How the engine applies a cap (no sleeping threads): when a transfer has moved `n` bytes it calls
 // RateLimiter::consume(link, n, now). The bytes have already moved, so consumption always succeeds;
 // the bucket may go into debt, and the answer is how long that transfer must stay paused
-// (`curl_easy_pause`) before it moves more. The loop arms a timer for `now + wait` and resumes it.
-// Over any interval T, a bucket lets through at most burst_bytes + rate_bytes_per_s * T plus the
-// one piece that drove it into debt, so the piece size (e.g. curl's 16 KiB to 256 KiB write
-// callbacks) bounds the overshoot.
+// (`curl_easy_pause`) before it moves more. The loop arms a timer for `now + wait`; when it fires
+// it asks wait_time() again and resumes the transfer only at 0, since other transfers on the same
+// link may have charged the bucket meanwhile. Over any interval T a bucket then lets through at
+// most burst_bytes + rate_bytes_per_s * T plus the pieces charged after the fact by transfers
+// that were moving when the debt began (at most one each), so the piece size (curl's write
+// callbacks, 16 KiB to 256 KiB) bounds the overshoot. Without the second look the long-run rate
+// still holds, but every paused transfer can pile a piece onto the debt, and pacing gets burstier.
 //
 // Threading: objects belong to one thread (the event loop); the free functions are reentrant.
 // Nothing here reads a clock; `now` must not go backwards for one object (if it does, no tokens

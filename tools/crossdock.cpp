@@ -11,6 +11,8 @@
 #include "engine/auth_parse.h"
 #include "engine/mirror.h"
 #include "engine/reference.h"
+#include "planner/token_bucket.h"
+#include "tools/bench_link_cli.h"
 
 namespace {
 
@@ -52,7 +54,8 @@ struct MirrorArgs {
         cache_dir;
     bool overwrite = false, dry_run = false, insecure = false, json = false, fail_fast = false, quiet = false;
     unsigned jobs = 8;
-    unsigned streams = 4;
+    std::string streams = "4";
+    std::string bandwidth;
     uint64_t chunk_mib = 16;
     uint64_t cache_cap_gib = 16;
 };
@@ -94,7 +97,20 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
     // Registries that take chunked uploads commonly require chunks of at least 5 MiB (S3-backed
     // storage); only the last may be shorter.
     if (a.chunk_mib < 5 || a.chunk_mib > 4096) return usage_error("--chunk-size must be between 5 and 4096 (MiB)");
-    if (a.streams == 0 || a.streams > 64) return usage_error("--streams must be between 1 and 64");
+    if (a.streams == "auto") {
+        o.streams_auto = true;
+    } else {
+        char* end = nullptr;
+        unsigned long n = std::strtoul(a.streams.c_str(), &end, 10);
+        if (a.streams.empty() || *end != '\0' || n == 0 || n > 64)
+            return usage_error("--streams must be 'auto' or a number between 1 and 64");
+        o.streams = static_cast<unsigned>(n);
+    }
+    if (!a.bandwidth.empty()) {
+        auto rate = planner::parse_rate(a.bandwidth);
+        if (!rate) return usage_error("--bandwidth '" + a.bandwidth + "': expected a rate such as 200Mbit, 1Gbit or 50MiB/s");
+        o.bandwidth_bytes_per_s = *rate;
+    }
     if (a.cache_cap_gib == 0) return usage_error("--cache-size must be at least 1 (GiB)");
     o.filters = filters.value();
     o.overwrite = a.overwrite;
@@ -105,7 +121,6 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
     o.fail_fast = a.fail_fast;
     o.cache_dir = a.cache_dir;
     o.cache_cap_bytes = a.cache_cap_gib << 30;
-    o.streams = a.streams;
     o.chunk_size_bytes = a.chunk_mib << 20;
     o.log = a.quiet ? nullptr : stderr;
     o.progress_tty = !a.quiet && ::isatty(STDERR_FILENO);
@@ -154,12 +169,15 @@ int main(int argc, char** argv) {
     mirror->add_option("--authfile", m.authfile, "docker config.json / auth.json with credentials");
     mirror->add_option("--jobs,-j", m.jobs, "artifacts and blobs in flight at once")->capture_default_str();
     mirror->add_option("--chunk-size", m.chunk_mib, "MiB per PATCH when uploading large blobs")->capture_default_str();
-    mirror->add_option("--streams", m.streams, "parallel ranged GETs per large blob")->capture_default_str();
+    mirror->add_option("--streams", m.streams, "parallel ranged GETs per large blob, or 'auto' (measured)")->capture_default_str();
+    mirror->add_option("--bandwidth", m.bandwidth, "cap per link (source, each target), e.g. 200Mbit, 50MiB/s");
     mirror->add_option("--cache", m.cache_dir, "keep the blob cache in DIR between runs (default: a temporary one)");
     mirror->add_option("--cache-size", m.cache_cap_gib, "GiB the cache may hold; least recently used blobs go first")->capture_default_str();
     mirror->add_flag("--json", m.json, "print a JSON summary on stdout");
     mirror->add_flag("--fail-fast", m.fail_fast, "stop at the first failed artifact");
     mirror->add_flag("--quiet,-q", m.quiet, "no progress or log lines");
+
+    add_bench_link_command(app);
 
     try {
         app.parse(argc, argv);

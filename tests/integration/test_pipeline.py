@@ -409,8 +409,10 @@ class PipelineTest(unittest.TestCase):
         self.assertGreaterEqual(len(gets), 2, f"source GETs of the big blob: {gets}" + run.describe())
         self.assertTrue(all(g.status == 206 for g in gets),
                         f"not all ranged (206): {gets}" + run.describe())
-        self.assertEqual(len(gets), DEFAULT_STREAMS,
-                         f"expected {DEFAULT_STREAMS} ranged GETs (--streams default): {gets}")
+        # The blob is cut into ranged pieces pulled in order by --streams workers (so the verified
+        # prefix, which uploads follow, advances at the aggregate rate): at least one per stream.
+        self.assertGreaterEqual(len(gets), DEFAULT_STREAMS,
+                                f"expected at least {DEFAULT_STREAMS} ranged GETs (--streams default): {gets}")
         self.assertEqual(sum(g.written for g in gets), ONE.big_size,
                          f"source GETs of the big blob sum to "
                          f"{sum(g.written for g in gets)}, blob is {ONE.big_size}: {gets}"

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <random>
 
@@ -146,8 +147,7 @@ TEST(FairScheduler, EventWorkGoesAheadOfBulkWithoutStarvingIt) {
         static_cast<double>(t.bytes.at(10)) / static_cast<double>(t.bytes.at(10) + t.bytes.at(20));
     EXPECT_NEAR(bulk_share, 0.125, 0.02);  // not starved: its guaranteed eighth
     EXPECT_GT(t.picks.at(10), 100u);
-    // Never more than a few event picks in a row go by without... bulk getting its turn back
-    // within a bounded number of picks.
+    // Bulk's turns come back within a bounded number of event picks.
     int longest_gap = 0;
     int gap = 0;
     for (int i = 0; i < 1000; ++i) {

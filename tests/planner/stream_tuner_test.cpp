@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "tests/planner/sim_clock.h"
@@ -69,7 +70,7 @@ TEST(StreamTuner, ConvergesToTenStreamsWhenEachStreamGetsATenthAndStaysThere) {
         StreamTuner t(1, 16);
         const TunerRun r = drive(t, link, clk, 600);
         ASSERT_GE(r.first_settled_s, 0) << "seed " << seed;
-        EXPECT_LE(r.first_settled_s, 40) << "seed " << seed;
+        EXPECT_LE(r.first_settled_s, 60) << "seed " << seed;
         EXPECT_GE(r.min_after, 9u) << "seed " << seed;
         EXPECT_LE(r.max_after, 12u) << "seed " << seed;
         EXPECT_GE(t.streams(), 9u);
@@ -97,24 +98,34 @@ TEST(StreamTuner, FindsTheKneeOnOtherLinks) {
     }
 }
 
+// Drives for `seconds_total` and returns the count held most of the last `tail_s` seconds (a
+// re-probe may be one step off at any given instant).
+unsigned held_count(StreamTuner& t, SimLink& link, SimClock& clk, int seconds_total, int tail_s) {
+    std::map<unsigned, int> seen;
+    for (int s = 0; s < seconds_total; ++s) {
+        clk.advance(seconds(1));
+        t.on_sample(link.sample(t.streams()), clk.now);
+        if (s >= seconds_total - tail_s) ++seen[t.streams()];
+    }
+    return std::max_element(seen.begin(), seen.end(), [](const auto& a, const auto& b) { return a.second < b.second; })
+        ->first;
+}
+
 TEST(StreamTuner, FollowsTheLinkWhenItChanges) {
-    SimClock clk;
-    SimLink link{125e6, 12.5e6, 0.03, std::mt19937_64(9)};
-    StreamTuner t(1, 64);
-    drive(t, link, clk, 120);
-    EXPECT_NEAR(t.streams(), 10, 1.5);
-    // Per-stream shaping tightens (a 50 Mbit/s per-connection policy appears): the aggregate
-    // halves, which triggers an early re-probe that ramps back up.
-    link.per_stream_bytes_per_s = 6.25e6;
-    drive(t, link, clk, 180);
-    EXPECT_GE(t.streams(), 18u);
-    EXPECT_LE(t.streams(), 24u);
-    // It loosens again (200 Mbit/s per stream): the aggregate does not change, but the periodic
-    // re-probe finds that fewer streams do as well and steps down.
-    link.per_stream_bytes_per_s = 25e6;
-    drive(t, link, clk, 400);
-    EXPECT_GE(t.streams(), 5u);
-    EXPECT_LE(t.streams(), 6u);
+    for (uint64_t seed : {9, 10, 11}) {
+        SimClock clk;
+        SimLink link{125e6, 12.5e6, 0.03, std::mt19937_64(seed)};
+        StreamTuner t(1, 64);
+        EXPECT_NEAR(held_count(t, link, clk, 120, 60), 10, 1) << seed;
+        // Per-stream shaping tightens (a 50 Mbit/s per-connection policy appears): the aggregate
+        // halves, which starts a new search at once; it ramps up to about 20.
+        link.per_stream_bytes_per_s = 6.25e6;
+        EXPECT_NEAR(held_count(t, link, clk, 180, 60), 20, 2) << seed;
+        // It loosens again (200 Mbit/s per stream): the aggregate does not change, but the
+        // periodic re-probes find that fewer streams do as well and step down to about 5.
+        link.per_stream_bytes_per_s = 25e6;
+        EXPECT_NEAR(held_count(t, link, clk, 600, 120), 5, 1) << seed;
+    }
 }
 
 TEST(StreamTuner, MinEqualsMaxHoldsStill) {

@@ -153,23 +153,45 @@ TEST(RateLimiter, ChargesLinkAndGlobalAndReturnsTheLongerWait) {
 }
 
 TEST(RateLimiter, OneCapMeansOneCapHoweverManyTransfersShareIt) {
-    // Eight transfers on one link, each pacing itself by the waits it gets, move no more than
-    // one transfer would: they all drain the same bucket.
-    for (int transfers : {1, 8}) {
+    // Eight transfers on one link, each pacing itself by the waits it gets (and looking again
+    // when its timer fires, as the header asks), move no more than one transfer would: they all
+    // drain the same bucket.
+    for (int transfers : {1, 8, 64}) {
         SimClock clk;
         const TimePoint start = clk.now;
         RateLimiter rl(clk.now);
         rl.set_link("a>b", 1e6, 0, clk.now);
-        std::vector<TimePoint> resume(transfers, clk.now);
+        std::vector<TimePoint> resume(static_cast<size_t>(transfers), clk.now);
         uint64_t moved = 0;
         while (clk.now - start < seconds(5)) {
             auto it = std::min_element(resume.begin(), resume.end());
             clk.now = *it;
+            if (const auto w = rl.wait_time("a>b", clk.now); w > nanoseconds::zero()) {
+                *it = clk.now + w;
+                continue;
+            }
             *it = clk.now + rl.consume("a>b", 10'000, clk.now);
             moved += 10'000;
         }
-        EXPECT_NEAR(static_cast<double>(moved) / 5.0, 1e6, 1e6 * 0.01) << transfers << " transfers";
+        EXPECT_NEAR(static_cast<double>(moved) / 5.0, 1e6, 10'000 / 5.0) << transfers << " transfers";
     }
+}
+
+TEST(RateLimiter, WithoutTheSecondLookTheOvershootIsOnePiecePerTransfer) {
+    SimClock clk;
+    const TimePoint start = clk.now;
+    RateLimiter rl(clk.now);
+    rl.set_link("a>b", 1e6, 0, clk.now);
+    std::vector<TimePoint> resume(8, clk.now);
+    uint64_t moved = 0;
+    while (clk.now - start < seconds(5)) {
+        auto it = std::min_element(resume.begin(), resume.end());
+        clk.now = *it;
+        *it = clk.now + rl.consume("a>b", 10'000, clk.now);
+        moved += 10'000;
+    }
+    EXPECT_LE(static_cast<double>(moved), 5e6 + 8 * 10'000 + 10'000);
+    EXPECT_GE(static_cast<double>(moved), 5e6);
 }
 
 TEST(ParseRate, AcceptsWhatUsersType) {

@@ -6,7 +6,7 @@
     python3 test_wanem.py --wanem ... --bench [--streams 8] [--total-rate 1Gbit] [--seconds 5]
 
 Every test starts small upstream servers on 127.0.0.1 (echo, source, sink), runs wanem in front
-of them and talks through it. Every wait has a deadline. The whole suite takes about 30 s.
+of them and talks through it. Every wait has a deadline. The whole suite takes about 15 s.
 
 --bench is not a test: it pushes --streams parallel downloads through wanem for --seconds and
 prints the aggregate rate and the CPU time wanem used (the endpoints run in a separate process,
@@ -322,8 +322,9 @@ class WanemTest(unittest.TestCase):
     def test_rtt_is_twice_the_delay(self):
         """A 1-byte (and a 1 KiB) ping-pong through echo takes 2*delay: never less, rarely more.
 
-        The upper bounds leave room for the scheduler: on a loaded 2-core machine a process
-        that sleeps 20 ms may wake several ms late (wanem's timer and both Python endpoints)."""
+        The fastest sample checks the model (2*delay plus a little). The median bound leaves room
+        for the scheduler: on a loaded 2-core machine a process that sleeps 20 ms may wake several
+        ms late, and a round trip has four such wake-ups (wanem twice, both Python endpoints)."""
         delay_ms = 20
         with Server(echo_handler) as echo, Wanem(echo.port, "--delay-ms", delay_ms) as w:
             s = w.connect()
@@ -340,7 +341,7 @@ class WanemTest(unittest.TestCase):
                       % (size, lo, med, max(rtts), 2 * delay_ms), file=sys.stderr)
                 self.assertGreaterEqual(lo, 2 * delay_ms - 0.1)
                 self.assertLessEqual(lo, 2 * delay_ms + 3)
-                self.assertLessEqual(med, 2 * delay_ms + 8)
+                self.assertLessEqual(med, 2 * delay_ms + 15)
             s.close()
         with Server(echo_handler) as echo, Wanem(echo.port) as w:
             s = w.connect()

@@ -728,7 +728,8 @@ void Proxy::mark_dirty(Conn& c, int d) noexcept {
 }
 
 void Proxy::run_dirty(int64_t now) noexcept {
-    // pump() may mark other flows dirty (never the one it runs), so iterate by index.
+    // pump() may mark flows dirty (even the one it runs, via blocks_freed()); iterating by index
+    // serves those in this pass too.
     for (size_t i = 0; i < dirty_.size(); ++i) {
         FlowRef r = dirty_[i];
         Conn* c = lookup(r);
