@@ -53,7 +53,39 @@ netio::Error error(std::string msg) { return netio::Error::make(std::move(msg));
 }  // namespace
 
 RegistryClient::RegistryClient(netio::HttpClient& http, RegistryOptions opts)
-    : http_(http), opts_(std::move(opts)), backoff_(opts_.backoff, std::random_device{}()) {}
+    : http_(http),
+      opts_(std::move(opts)),
+      backoff_(opts_.backoff, std::random_device{}()),
+      budget_(opts_.max_connections, opts_.max_requests_per_s) {}
+
+Task<void> RegistryClient::acquire_slot() {
+    struct Park {
+        std::deque<std::coroutine_handle<>>& q;
+        bool await_ready() const noexcept { return false; }
+        void await_suspend(std::coroutine_handle<> h) { q.push_back(h); }
+        void await_resume() const noexcept {}
+    };
+    for (;;) {
+        const auto now = planner::Clock::now();
+        if (budget_.try_start(now)) co_return;
+        const auto next = budget_.next_start(now);
+        if (next == planner::TimePoint::max()) {
+            co_await Park{slot_waiters_};  // every slot busy: woken by release_slot()
+        } else {
+            auto wait = std::chrono::ceil<std::chrono::milliseconds>(next - now);
+            co_await netio::sleep_for(http_.loop(), std::max(wait, std::chrono::milliseconds(1)));
+        }
+    }
+}
+
+void RegistryClient::release_slot() {
+    budget_.finish();
+    if (!slot_waiters_.empty()) {
+        auto h = slot_waiters_.front();
+        slot_waiters_.pop_front();
+        http_.loop().defer([h] { h.resume(); });
+    }
+}
 
 netio::Request RegistryClient::make_request(std::string method, std::string u) const {
     netio::Request r;
@@ -119,7 +151,23 @@ Task<Result<netio::Response>> RegistryClient::send_once(netio::Request& req, con
             r.headers.emplace_back("Authorization", "Bearer " + it->second);
     }
     if (r.body_source && !r.body_source->rewind()) co_return error(r.method + " " + r.url + ": body cannot be re-sent");
+    co_await acquire_slot();
     auto out = co_await netio::fetch(http_, std::move(r), sink);
+    release_slot();
+    if (out.ok()) {
+        const auto now = planner::Clock::now();
+        auto number = [](const std::string& v) -> std::optional<long> {
+            if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || v.size() > 12) return std::nullopt;
+            return std::stol(v);
+        };
+        auto remaining = number(out->header("RateLimit-Remaining"));
+        auto reset = number(out->header("RateLimit-Reset"));
+        if (remaining || reset) budget_.on_rate_headers(now, remaining, reset);
+        if (out->status == 429)
+            budget_.on_throttled(now, planner::parse_retry_after(out->header("Retry-After"), std::chrono::system_clock::now()));
+        else if (out->status < 500)
+            budget_.on_success(now);
+    }
     co_return out;
 }
 
@@ -145,7 +193,8 @@ Task<Result<netio::Response>> RegistryClient::send(netio::Request req, std::vect
         }
         if (planner::is_retryable_status(resp.status) && attempts_left) {
             std::chrono::milliseconds delay = backoff_.next_delay(attempt);
-            if (resp.status == 429 || resp.status == 503) {
+            if (resp.status == 429) continue;  // the registry's budget now paces every request to it
+            if (resp.status == 503) {
                 if (auto ra = planner::parse_retry_after(resp.header("Retry-After"), std::chrono::system_clock::now()))
                     delay = std::max(delay, *ra);
             }

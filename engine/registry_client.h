@@ -10,7 +10,9 @@
 // Threading: loop thread only. Ownership: borrows the HttpClient, which must outlive it.
 #pragma once
 
+#include <coroutine>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -23,6 +25,7 @@
 #include "netio/result.h"
 #include "netio/task.h"
 #include "planner/backoff.h"
+#include "planner/registry_budget.h"
 
 namespace engine {
 
@@ -38,6 +41,8 @@ struct RegistryOptions {
     planner::BackoffPolicy backoff{};
     long request_timeout_ms = 300000;        // manifests, HEADs, small requests
     uint64_t chunk_size_bytes = 64u << 20;   // PATCH chunk size for uploads above it
+    unsigned max_connections = 64;           // requests in flight to this registry; 0 = no cap
+    double max_requests_per_s = 0;           // request-rate budget; 0 = none until a 429 sets one
 };
 
 struct ManifestHead {
@@ -116,6 +121,10 @@ private:
     Task<void> cancel_upload(std::string session, std::vector<std::string> scopes);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,
                                                      std::vector<std::string> scopes);
+    // The registry's connection and request-rate budget (planner::RegistryBudget): a 429 slows the
+    // whole registry down instead of failing the request.
+    Task<void> acquire_slot();
+    void release_slot();
     netio::Request make_request(std::string method, std::string url) const;
     std::string url(const std::string& path) const { return base_url_ + path; }
     std::string resolve_location(const netio::Response& r, const std::string& request_url) const;
@@ -129,6 +138,8 @@ private:
     std::map<std::string, std::string> tokens_;     // scope key -> bearer token
     std::map<std::string, std::shared_ptr<netio::Flight>> token_flights_;  // scope key -> fetch in flight
     planner::Backoff backoff_;
+    planner::RegistryBudget budget_;
+    std::deque<std::coroutine_handle<>> slot_waiters_;
 };
 
 }  // namespace engine

@@ -211,6 +211,24 @@ class SourceTransientFaultTest(FaultTestCase):
         self.assertGreaterEqual(gap, 1.9, f"{ev.path} was asked again {gap:.2f}s after the "
                                 "429 with Retry-After: 2" + run.describe())
 
+    def test_429_without_retry_after_slows_the_whole_registry(self):
+        # A 429 pauses every request to that registry (about 1 s, doubling), not just the one
+        # that drew it: no request to the source starts inside the pause.
+        src, c = self.source()
+        tgt = self.start_registry(name="tgt")
+        rule = Fault("GET", BLOB_GET, "respond", times=1, status=429, name="blob-429")
+        px = self.proxy(src, rule)
+        run = self.mirror(px.host, tgt.host)
+        self.assertInjected(rule, run, px, exactly=1)
+        self.assertAllCopied(run, tgt, c, f"{tgt.host}/{DST_NS}")
+        ev = next(e for e in px.log if e.fault)
+        # Requests already on their way when the 429 left the proxy (a few ms) are not paused.
+        inside = [e for e in px.log if not e.fault and ev.t + 0.05 < e.t_start < ev.t + 0.8]
+        self.assertEqual(inside, [], "requests to the source started inside the pause after a "
+                         "429: the registry was not slowed down" + run.describe())
+        self.assertTrue([e for e in px.log if e.t_start > ev.t + 0.8],
+                        "nothing was asked after the pause" + run.describe())
+
     def test_connection_cut_mid_blob_is_refetched(self):
         src, c = self.source(big=True)
         tgt = self.start_registry(name="tgt")
