@@ -594,7 +594,7 @@ private:
             }
         } clear{t, b.digest, &flight};
 
-        co_await blob_sem_.acquire();
+        co_await blob_sem_.acquire(b.size);  // smallest first: images complete early
         netio::Semaphore::Permit permit(&blob_sem_);
         auto cached = source_blob(src_repo, b);
         if (!cached.ok()) co_return cached.error();

@@ -13,6 +13,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <type_traits>
@@ -176,13 +177,16 @@ inline FetchAwaiter fetch(HttpClient& client, Request req, BodySink* sink = null
     return FetchAwaiter{client, std::move(req), sink};
 }
 
-// Bounded concurrency: co_await sem.acquire(); ... sem.release(); (or hold a Permit).
+// Bounded concurrency: co_await sem.acquire(); ... sem.release(); (or hold a Permit). Waiters are
+// served lowest `rank` first, first come first served within a rank (acquire() is rank 0): the
+// mirror ranks blob transfers by size so small images complete early.
 class Semaphore {
 public:
     Semaphore(UringLoop& loop, size_t permits) : loop_(loop), free_(permits) {}
 
     struct Acquire {
         Semaphore& s;
+        uint64_t rank;
         bool await_ready() const noexcept {
             if (s.free_ > 0 && s.waiters_.empty()) {
                 --s.free_;
@@ -190,16 +194,17 @@ public:
             }
             return false;
         }
-        void await_suspend(std::coroutine_handle<> h) { s.waiters_.push_back(h); }
+        void await_suspend(std::coroutine_handle<> h) { s.waiters_.emplace(std::make_pair(rank, s.seq_++), h); }
         void await_resume() const noexcept {}
     };
-    Acquire acquire() { return Acquire{*this}; }
+    Acquire acquire(uint64_t rank = 0) { return Acquire{*this, rank}; }
 
     // Hands the permit to the next waiter (resumed from the deferred queue, not re-entrantly).
     void release() {
         if (!waiters_.empty()) {
-            auto h = waiters_.front();
-            waiters_.pop_front();
+            auto it = waiters_.begin();
+            auto h = it->second;
+            waiters_.erase(it);
             loop_.defer([h] { h.resume(); });
         } else {
             ++free_;
@@ -221,7 +226,8 @@ public:
 private:
     UringLoop& loop_;
     size_t free_;
-    std::deque<std::coroutine_handle<>> waiters_;
+    uint64_t seq_ = 0;
+    std::map<std::pair<uint64_t, uint64_t>, std::coroutine_handle<>> waiters_;
 };
 
 // Counts spawned work; co_await wg.wait() resumes once the count is back to zero.
