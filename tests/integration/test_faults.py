@@ -340,6 +340,26 @@ class SourceMalformedManifestTest(FaultTestCase):
         self._malformed("team-b/worker", "v1", drop_layers)
 
 
+    def test_fail_fast_stops_at_the_first_failure(self):
+        # Every manifest of the namespace is malformed: without --fail-fast every tag is tried and
+        # reported; with it, crossdock stops starting new artifacts after the first failure.
+        src, c = self.source()
+        rule = Fault("GET", r"/v2/.*/manifests/.*", "replace", replace=b"not json", name="all-malformed")
+        px = self.proxy(src, rule)
+        tgt = self.start_registry(name="tgt")
+        every = self.mirror(px.host, tgt.host, "--jobs", "1")
+        self.assertEqual(every.returncode, 1, every.describe())
+        tried = every.summary["failed"]
+        self.assertGreaterEqual(tried, 8, every.describe())
+        tgt2 = self.start_registry(name="tgt2")
+        fast = self.mirror(px.host, tgt2.host, "--jobs", "1", "--fail-fast")
+        self.assertEqual(fast.returncode, 1, fast.describe())
+        self.assertGreaterEqual(fast.summary["failed"], 1, fast.describe())
+        # At most the artifacts already in flight (4 per job) finish after the first failure.
+        self.assertLessEqual(fast.summary["failed"], 4, fast.describe())
+        self.assertLess(fast.summary["failed"], tried, fast.describe())
+
+
 # --------------------------------------------------------------------------
 # B. faults on the target
 # --------------------------------------------------------------------------
