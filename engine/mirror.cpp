@@ -610,7 +610,8 @@ private:
         RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
             return verdict_of(blob);
         };
-        auto st = co_await t.client->upload_blob(dst_repo, b.digest, b.size, body, ready);
+        const bool arriving = blob->state() == cas::BlobState::partial;
+        auto st = co_await t.client->upload_blob(dst_repo, b.digest, b.size, body, ready, arriving);
         if (!st.ok()) {
             if (auto f = failed_blobs_.find(b.digest); f != failed_blobs_.end()) co_return f->second;
             co_return st;

@@ -52,7 +52,7 @@ struct MirrorOptions {
     bool fail_fast = false;
     std::string cache_dir;                          // the blob cache (kept); empty: a temporary one
     uint64_t cache_cap_bytes = 16ull << 30;         // least recently used unpinned blobs evicted above
-    uint64_t chunk_size_bytes = 16u << 20;          // PATCH chunk; blobs up to this go in one PUT
+    uint64_t chunk_size_bytes = 64u << 20;          // PATCH chunk; cached blobs up to this go in one PUT
     unsigned streams = 4;                           // parallel ranged GETs per large blob
     bool streams_auto = false;                      // the planner's tuner picks the stream count
     double bandwidth_bytes_per_s = 0;               // cap per link (source, each target); 0 = none

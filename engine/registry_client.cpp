@@ -443,11 +443,11 @@ Task<void> RegistryClient::cancel_upload(std::string session, std::vector<std::s
 }
 
 Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body,
-                                         Finalizable ready) {
+                                         Finalizable ready, bool still_arriving) {
     bool allow_chunked = true;
     Status last = netio::ok_status();
     for (int attempt = 0; attempt < opts_.backoff.max_attempts; ++attempt) {
-        last = co_await upload_once(repo, digest, size, body, ready, allow_chunked);
+        last = co_await upload_once(repo, digest, size, body, ready, allow_chunked, still_arriving);
         if (last.ok()) co_return last;
         if (last.error().code == std::errc::operation_not_supported) {
             allow_chunked = false;  // the registry refused PATCH: monolithic PUT
@@ -462,7 +462,8 @@ Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, u
 }
 
 Task<Status> RegistryClient::upload_once(const std::string& repo, const std::string& digest, uint64_t size,
-                                         const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked) {
+                                         const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked,
+                                         bool still_arriving) {
     const std::string what = "upload " + digest + " to " + opts_.host + "/" + repo;
     const std::vector<std::string> scopes = scopes_of(push_scope(repo));
     auto post = make_request("POST", url("/v2/" + repo + "/blobs/uploads/"));
@@ -476,7 +477,9 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
 
     // Not lambdas, and no `co_return co_await`: gcc 12 double-destroys the result in such
     // expressions (seen: a double free of an Error message under ASan).
-    if (size <= chunk || !allow_chunked) {
+    constexpr uint64_t kStreamMinBytes = 8u << 20;
+    const bool stream = still_arriving && size > kStreamMinBytes;
+    if (!allow_chunked || (size <= chunk && !stream)) {
         // A monolithic PUT finalises the blob: its content must be verified before it is sent.
         if (auto st = co_await await_ready(ready); !st.ok()) {
             netio::Error fail_err = st.error();

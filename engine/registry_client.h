@@ -101,9 +101,11 @@ public:
     // with retries from a fresh session. The body may still be arriving (a source that pauses until
     // its bytes are there): chunks stream as they come, and `ready` is awaited before the final
     // PUT (before the only PUT of a monolithic upload). A session cut mid-way is resumed from the
-    // offset the registry reports where it allows that, otherwise restarted.
+    // offset the registry reports where it allows that, otherwise restarted. `still_arriving`: the
+    // body is still being downloaded, so a blob above kStreamMinBytes goes as PATCH chunks even when
+    // it fits one chunk (one PUT would have to wait for the verdict before sending a byte).
     Task<Status> upload_blob(std::string repo, std::string digest, uint64_t size, BlobBodyFactory body,
-                             Finalizable ready = {});
+                             Finalizable ready = {}, bool still_arriving = false);
 
     // The base URL in use after ping(), e.g. "https://host:port".
     const std::string& base_url() const noexcept { return base_url_; }
@@ -116,7 +118,8 @@ private:
     Task<Status> authenticate(const std::string& challenge_header, const std::vector<std::string>& scopes);
     Task<Status> fetch_token(std::string key, std::vector<std::string> scopes);
     Task<Status> upload_once(const std::string& repo, const std::string& digest, uint64_t size,
-                             const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked);
+                             const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked,
+                             bool still_arriving);
     Task<Status> await_ready(const Finalizable& ready);
     Task<void> cancel_upload(std::string session, std::vector<std::string> scopes);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,

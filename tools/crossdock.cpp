@@ -56,7 +56,7 @@ struct MirrorArgs {
     unsigned jobs = 8;
     std::string streams = "4";
     std::string bandwidth;
-    uint64_t chunk_mib = 16;
+    uint64_t chunk_mib = 64;
     uint64_t cache_cap_gib = 16;
 };
 

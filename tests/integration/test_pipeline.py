@@ -61,7 +61,7 @@ RUN_TIMEOUT = 180          # seconds for one crossdock invocation
 MiB = 1024 * 1024
 
 DEFAULT_STREAMS = 4        # crossdock's --streams default
-DEFAULT_CHUNK = 16 * MiB   # crossdock's --chunk-size default
+DEFAULT_CHUNK = 64 * MiB   # crossdock's --chunk-size default
 RANGE_THRESHOLD = 32 * MiB  # blobs from this size are fetched by ranged streams
 CAS_CHUNK = 4 * MiB        # cache chunk: one .meta record per verified chunk
 META_HEADER = 32
