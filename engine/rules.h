@@ -1,0 +1,285 @@
+// The sidecar's data model: registries, links, rules, task records and task items as plain structs,
+// the checks users expect on every field, schedules (intervals and 5-field cron), and the JSON the
+// control API reads and writes.
+//
+// Checks return every problem at once as FieldErrors, each naming the field ("name", "tag_filter",
+// "schedule", ...) so the API can answer 400 with the field named. Messages quote user input with
+// control characters escaped; they never quote a credential.
+//
+// Credentials are write-only (invariant 7): the structs carry them only on the way in
+// (`std::optional<Credentials>`, empty optional = "leave as stored"), the store never fills them in
+// on the way out, and no to_json() here writes them: `has_credentials` / `has_target_credentials`
+// say whether some are stored. Code that needs them to talk to a registry asks the store
+// explicitly (Store::credentials_for).
+//
+// The persisted task is `TaskRecord`, not `Task`: engine code already uses `Task` for netio's
+// coroutine type (registry_client.h has `using netio::Task`).
+//
+// Times are UTC, millisecond resolution (`Time`); JSON writes them as RFC 3339 ("...T12:00:00.000Z").
+// Everything here is pure and reentrant; nothing throws on bad input.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "engine/auth_parse.h"
+#include "engine/mirror.h"
+
+namespace engine {
+
+using Time = std::chrono::sys_time<std::chrono::milliseconds>;
+
+// Now, truncated to milliseconds.
+Time now_ms() noexcept;
+// RFC 3339 in UTC with milliseconds: "2024-05-01T12:00:00.123Z".
+std::string format_time(Time t);
+// "YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)" ('t'/'z' and a space for 'T' also accepted).
+std::optional<Time> parse_time(std::string_view s);
+
+// ---------------------------------------------------------------------------------------------
+// Field errors
+
+struct FieldError {
+    std::string field;    // JSON field name; "" for the body as a whole
+    std::string message;  // what is wrong, without the field name
+};
+using FieldErrors = std::vector<FieldError>;
+
+// User input inside a message: quoted, control characters escaped, cut after 80 bytes (so a
+// name from a request cannot forge log lines). Never given a credential.
+std::string quote_input(std::string_view s);
+
+// "name: must not be empty; schedule: ..." — for logs and for Error messages.
+std::string describe(const FieldErrors& errors);
+// {"errors": [{"field": "...", "message": "..."}, ...]} — the body of a 400.
+nlohmann::json to_json(const FieldErrors& errors);
+
+// A value after checking: normalised (URLs lowercased, defaults filled), plus every problem found.
+template <class T>
+struct Checked {
+    T value;
+    FieldErrors errors;
+    bool ok() const noexcept { return errors.empty(); }
+};
+
+// Limits on user input (put a limit on everything).
+inline constexpr size_t kMaxNameLength = 63;
+inline constexpr size_t kMaxDescriptionLength = 1024;
+inline constexpr size_t kMaxFilterLength = 1024;
+inline constexpr size_t kMaxUrlLength = 2048;
+inline constexpr size_t kMaxPathLength = 4096;
+inline constexpr size_t kMaxUsernameLength = 256;
+inline constexpr size_t kMaxSecretLength = 16384;  // registry tokens (JWTs) run to a few KiB
+inline constexpr size_t kMaxScheduleLength = 128;
+
+// Rule and registry names: 1..63 of [a-z0-9._-], starting with [a-z0-9].
+// "" if valid, else what is wrong (without the field name).
+std::string check_name(std::string_view name);
+
+// ---------------------------------------------------------------------------------------------
+// Schedules
+
+// Empty (no schedule), an interval ("30s", "30m", "2h", "1d"; at least 10s, at most 365d), a
+// 5-field cron expression "minute hour day-of-month month day-of-week", or one of @yearly
+// @annually @monthly @weekly @daily @midnight @hourly. Cron is evaluated in UTC.
+//
+// Cron fields take `*`, numbers, ranges `a-b`, lists `a,b,c`, steps `*/n`, `a-b/n` and `a/n`
+// (= a-max/n); months and days of week also take names (jan..dec, sun..sat, any case); day of week
+// 0..7 with 0 and 7 both Sunday. Day of month and day of week combine as in Vixie cron: when both
+// are restricted (neither starts with `*`) a day matches if either matches.
+class Schedule {
+public:
+    enum class Kind { none, interval, cron };
+
+    // FieldError.field is "schedule".
+    static Checked<Schedule> parse(std::string_view text);
+
+    Kind kind() const noexcept { return kind_; }
+    bool empty() const noexcept { return kind_ == Kind::none; }
+    const std::string& text() const noexcept { return text_; }
+    std::chrono::seconds interval() const noexcept { return interval_; }
+
+    // The first fire time strictly after `after`: after + interval, or the next whole minute that
+    // the cron expression matches. nullopt for an empty schedule (and, as a guard, for a cron
+    // expression with no match within 10 years, which parse() already refuses).
+    std::optional<Time> next_after(Time after) const;
+
+private:
+    struct Cron {
+        uint64_t minutes = 0;  // bit i: minute i matches
+        uint32_t hours = 0;
+        uint32_t days_of_month = 0;  // bit d, 1..31
+        uint16_t months = 0;         // bit m, 1..12
+        uint8_t days_of_week = 0;    // bit w, 0..6 (Sunday = 0)
+        bool dom_star = true;        // day-of-month field starts with '*'
+        bool dow_star = true;
+    };
+    static std::optional<Time> next_cron(const Cron& c, Time after);
+    static bool day_matches(const Cron& c, unsigned dom, unsigned dow) noexcept;
+
+    Kind kind_ = Kind::none;
+    std::string text_;
+    std::chrono::seconds interval_{0};
+    Cron cron_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Registries
+
+struct Registry {
+    int64_t id = 0;       // assigned by the store
+    std::string name;     // unique, same grammar as rule names
+    std::string url;      // "scheme://host[:port]", scheme http or https; no path, query or userinfo
+    std::string region;   // "" or [a-z0-9._-]{1,63}; links are keyed by region
+    bool insecure = false;  // https without certificate verification
+    std::string ca_file;    // absolute path of a PEM bundle to verify the registry with; https only
+    // Write-only. On input: nullopt = keep what is stored; a value replaces it (an empty value
+    // removes it). On output from the store: always nullopt.
+    std::optional<Credentials> credentials;
+    bool has_credentials = false;  // output only
+    Time created{};
+    Time updated{};
+};
+
+// Normalises (scheme and host lowercased, a trailing '/' dropped) and checks every field.
+Checked<Registry> check(Registry r);
+
+// ---------------------------------------------------------------------------------------------
+// Links: bandwidth caps between regions, for the planner's token buckets.
+
+struct Link {
+    std::string source_region;
+    std::string target_region;
+    uint64_t rate_bytes_per_s = 0;  // > 0
+    uint64_t burst_bytes = 0;       // 0 = one second's worth of rate
+};
+
+Checked<Link> check(Link l);
+
+// ---------------------------------------------------------------------------------------------
+// Rules
+
+struct Rule {
+    int64_t id = 0;  // assigned by the store
+    std::string name;
+    std::string description;
+    std::string source_registry;  // registry name; the store resolves it
+    std::string source_namespace;  // required; a repository path ("library", "team/sub")
+    std::string repo_filter;  // RE2, full match against the repository path below the namespace; "" = all
+    std::string tag_filter;   // RE2, full match against the tag; "" = all
+    TypeFilter type = TypeFilter::all;
+    std::string target_registry;   // registry name
+    std::string target_namespace;  // "" = same as source_namespace
+    // Write-only, as Registry::credentials: nullopt = keep what is stored.
+    std::optional<Credentials> target_credentials;
+    bool has_target_credentials = false;  // output only
+    bool overwrite = false;
+    bool enabled = true;
+    std::string schedule;  // see Schedule
+    // Output only, filled by the store.
+    int64_t source_registry_id = 0;
+    int64_t target_registry_id = 0;
+    std::optional<Time> next_fire;
+    Time created{};
+    Time updated{};
+
+    // target_namespace, or source_namespace when that is empty.
+    const std::string& effective_target_namespace() const noexcept {
+        return target_namespace.empty() ? source_namespace : target_namespace;
+    }
+};
+
+// Checks every field (regular expressions compiled with RE2; errors give the position and RE2's
+// message). Registry names are checked for form only; whether they exist is the store's business.
+Checked<Rule> check(Rule r);
+
+// ---------------------------------------------------------------------------------------------
+// Tasks and their items
+
+enum class Trigger { manual, schedule, event };
+enum class TaskStatus { queued, in_progress, succeeded, partially_failed, failed, stopped };
+enum class ItemAction { copied, skipped_exists, skipped_same_digest, failed };
+
+// "manual"... / "Queued", "InProgress"... / "copied", "skipped: exists"... (the API's spellings).
+std::string_view to_string(TypeFilter t) noexcept;
+std::string_view to_string(Trigger t) noexcept;
+std::string_view to_string(TaskStatus s) noexcept;
+std::string_view to_string(ItemAction a) noexcept;
+std::optional<TypeFilter> parse_type_filter(std::string_view s) noexcept;
+std::optional<Trigger> parse_trigger(std::string_view s) noexcept;
+std::optional<TaskStatus> parse_task_status(std::string_view s) noexcept;  // case-insensitive
+std::optional<ItemAction> parse_item_action(std::string_view s) noexcept;
+// Succeeded, PartiallyFailed, Failed or Stopped.
+bool is_terminal(TaskStatus s) noexcept;
+
+struct TaskCounters {
+    uint64_t repositories = 0;
+    uint64_t copied = 0;   // artifacts
+    uint64_t skipped = 0;  // artifacts
+    uint64_t failed = 0;   // artifacts
+    uint64_t bytes = 0;    // bytes moved by copied artifacts
+};
+
+struct TaskRecord {
+    int64_t id = 0;
+    std::optional<int64_t> rule_id;  // nullopt once the rule is deleted
+    std::string rule_name;           // as it was when the task was created
+    Trigger trigger = Trigger::manual;
+    TaskStatus status = TaskStatus::queued;
+    std::string reason;  // why it failed or stopped; "" otherwise
+    Time created{};
+    std::optional<Time> started;
+    std::optional<Time> finished;
+    bool cancel_requested = false;
+    TaskCounters counters;
+
+    // (copied + skipped) / (copied + skipped + failed); with no artifacts at all, 0 for a Failed
+    // task and 1 otherwise.
+    double success_ratio() const noexcept;
+    // finished - started, or now - started while running; nullopt before it starts.
+    std::optional<std::chrono::milliseconds> duration(Time now) const noexcept;
+};
+
+struct TaskItem {
+    int64_t id = 0;  // assigned by the store; items of a task list in id order
+    int64_t task_id = 0;
+    std::string repository;
+    std::string tag;
+    std::string digest;
+    ItemAction action = ItemAction::copied;
+    std::string reason;
+    uint64_t bytes = 0;
+    uint64_t duration_ms = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// JSON for the control API
+
+// Output. None of these writes a credential.
+nlohmann::json to_json(const Registry& r);
+nlohmann::json to_json(const Link& l);
+nlohmann::json to_json(const Rule& r);
+nlohmann::json to_json(const TaskRecord& t, Time now);
+nlohmann::json to_json(const TaskItem& i);
+
+// Input. Unknown fields are errors; the read-only fields that to_json writes (id, created,
+// has_credentials, ...) are ignored, so a document read with GET can be sent back. A JSON null
+// resets a field to its default. Credentials: "username" and "password" (registries),
+// "target_username" and "target_password" (rules) are given together or not at all; "" for both
+// removes them. The result is checked as by check().
+Checked<Registry> registry_from_json(const nlohmann::json& body);
+Checked<Link> link_from_json(const nlohmann::json& body);
+Checked<Rule> rule_from_json(const nlohmann::json& body);
+// PATCH: only the fields present in `patch` change; the result is checked again as a whole.
+// `current` is as the store returned it (credentials nullopt = unchanged unless the patch has them).
+Checked<Registry> patch_registry(const Registry& current, const nlohmann::json& patch);
+Checked<Rule> patch_rule(const Rule& current, const nlohmann::json& patch);
+
+}  // namespace engine
