@@ -495,6 +495,13 @@ void Blob::finalize() {
     finalizing_ = true;
     const std::string got = sha_.finish_hex();
     if (got != hex_) return discard_mismatch(got);
+    if (store_ && !store_->options().durable) {
+        if (::rename(files_.data_path.c_str(), files_.final_path.c_str()) != 0)
+            return fail_internal(sys_error(errno, "rename " + files_.data_path + " to " + files_.final_path));
+        files_.data_path = files_.final_path;
+        loop_.defer([self = shared_from_this()] { self->on_dir_synced(0); });
+        return;
+    }
     loop_.fsync(data_fd_.get(), [self = shared_from_this()](int res) { self->on_data_synced(res); });
 }
 

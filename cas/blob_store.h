@@ -78,6 +78,10 @@ struct BlobStoreOptions {
     std::string dir;
     uint64_t cap_bytes = 8ull << 30;
     uint64_t chunk_bytes = 4u << 20;  // granularity of checksums, resume and the watermark
+    // fsync data and directory on commit. A cache that lives only as long as one run (removed at
+    // exit) gains nothing from it, and the fsync of a multi-GiB blob sits on the critical path of
+    // every upload waiting for the verdict.
+    bool durable = true;
 };
 
 enum class BlobState { partial, committed, failed };

@@ -169,6 +169,7 @@ private:
             cas::BlobStoreOptions co;
             co.dir = cache_dir_;
             co.cap_bytes = opts_.cache_cap_bytes;
+            co.durable = !remove_cache_dir_;  // a throw-away cache needs no fsync
             cas_ = std::make_unique<cas::BlobStore>(loop_, co);
         } catch (const std::exception& e) {
             summary_.errors.push_back("cannot open the blob cache in " + cache_dir_ + ": " + e.what());
