@@ -26,11 +26,15 @@ through a fresh wanem instance (so its counters and CPU are per run):
 Every tool alternates within each repetition, so slow drifts of the (shared,
 noisy) machine hit all of them; ratios are taken within a repetition.
 
+`--variant 'NAME|ARGS'` adds crossdock rows with other flags to scenario a.
+
 Per run: wall time; bytes through the emulator (wanem's --stats-file
 counters) and blob bytes read from the source (its access log); Mbit/s =
-bytes through the emulator / wall; the link rate between 2% and 98% of those
-bytes (wanem's counters sampled every 0.1 s through SIGUSR1); the blob-GET
-phase seen by the source registry; peak RSS and CPU of the tool
+bytes through the emulator / wall; the link rate while the link carried 2%
+to 98% of those bytes (wanem's counters, sampled every 0.1 s through
+SIGUSR1: "link" = bytes wanem read from the source, i.e. what crossed the
+rate-capped link; "client side" = bytes it wrote to the tool), and its 1 s
+bins; the blob-GET phase seen by the source registry; peak RSS and CPU of the tool
 (/usr/bin/time); CPU share of wanem and of both registries (/proc/PID/stat)
 and of the whole machine (/proc/stat).  After every run the target is
 checked independently (tests/integration/check.py through e2e.verify): every
@@ -146,7 +150,7 @@ class Wanem:
         self.stats_path = os.path.join(workdir, f"wanem-{name}.json")
         self.err_path = os.path.join(workdir, f"wanem-{name}.err")
         self.proc = None
-        self.samples = []           # (uptime_s, upstream_to_client bytes_out)
+        self.samples = []           # (uptime_s, upstream_to_client bytes_out, bytes_in)
         self._stop = threading.Event()
         self._thread = None
 
@@ -199,7 +203,8 @@ class Wanem:
             time.sleep(0.01)
             s = self.read_stats()
             if s:
-                self.samples.append((s["uptime_ms"] / 1000.0, s["upstream_to_client"]["bytes_out"]))
+                u2c = s["upstream_to_client"]
+                self.samples.append((s["uptime_ms"] / 1000.0, u2c["bytes_out"], u2c["bytes_in"]))
 
     def start_sampling(self, period=0.1):
         self.samples = []
@@ -231,7 +236,8 @@ class Wanem:
 
 
 def window_rate(samples, final_bytes, lo=0.02, hi=0.98):
-    """Bytes/s while the counter went from lo to hi of final_bytes (linear interpolation)."""
+    """Bytes/s while a counter, given as [(t, bytes)], went from lo to hi of final_bytes
+    (linear interpolation); and the length of that window."""
     pts = [(0.0, 0)] + [s for s in samples if s[1] <= final_bytes]
     if final_bytes <= 0 or len(pts) < 3:
         return None, None
@@ -245,6 +251,36 @@ def window_rate(samples, final_bytes, lo=0.02, hi=0.98):
     if ta is None or tb is None or tb <= ta:
         return None, None
     return (hi - lo) * final_bytes / (tb - ta), tb - ta
+
+
+def second_rates(samples, final_bytes, lo=0.02, hi=0.98):
+    """Rates (bytes/s) of the whole 1-second bins of [(t, bytes)] inside the lo..hi window."""
+    if len(samples) < 3 or final_bytes <= 0:
+        return []
+    first = next((t for t, b in samples if b >= lo * final_bytes), None)
+    last = next((t for t, b in samples if b >= hi * final_bytes), None)
+    if first is None or last is None:
+        return []
+
+    def at(t):       # counter at time t (linear between samples)
+        prev = (0.0, 0)
+        for s in samples:
+            if s[0] >= t:
+                return prev[1] + (s[1] - prev[1]) * (t - prev[0]) / max(s[0] - prev[0], 1e-9)
+            prev = s
+        return prev[1]
+    out, t = [], first
+    while t + 1.0 <= last:
+        out.append(at(t + 1.0) - at(t))
+        t += 1.0
+    return out
+
+
+def pctl(values, q):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, int(round(q * (len(v) - 1)))))]
 
 
 # --------------------------------------------------------------------------
@@ -371,10 +407,20 @@ class WanBench:
             res["wan_bytes_up"] = stats["client_to_upstream"]["bytes_out"] if stats else None
             res["wan_conns"] = stats["connections_accepted"] if stats else None
             res["wan_conns_peak"] = stats["connections_peak"] if stats else None
-            rate, span = window_rate(samples, down or 0)
+            # the client side (bytes wanem wrote to the tool) and the link side (bytes wanem read
+            # from the source registry: what crossed the emulated, rate-capped link)
+            down_in = stats["upstream_to_client"]["bytes_in"] if stats else None
+            rate, span = window_rate([(t, o) for t, o, _ in samples], down or 0)
+            res["client_mbit_2_98"] = round(rate * 8 / 1e6, 1) if rate else None
+            rate, span = window_rate([(t, i) for t, _, i in samples], down_in or 0)
             res["link_mbit_2_98"] = round(rate * 8 / 1e6, 1) if rate else None
             res["link_window_s"] = round(span, 2) if span else None
-            res["timeline"] = [(round(t, 2), b) for t, b in samples]
+            sec = [x * 8 / 1e6 for x in second_rates([(t, i) for t, _, i in samples], down_in or 0)]
+            res["link_1s_mbit"] = {"p10": pctl(sec, 0.1), "p50": pctl(sec, 0.5), "p90": pctl(sec, 0.9),
+                                   "seconds": len(sec),
+                                   "below_half_of_mean": sum(1 for x in sec if x < 0.5 * statistics.mean(sec))
+                                   if sec else None}
+            res["timeline"] = [(round(t, 2), o, i) for t, o, i in samples]
             # verification, independent of the tool (registry API, local target)
             if res["ok"]:
                 probs = e2e.verify(target, desc, repo_map)
@@ -398,7 +444,7 @@ class WanBench:
         sb = (res.get("source") or {}).get("blob_get_bytes", 0)
         log(f"   {'ok' if res.get('verified') else 'FAILED'}: {w or 0:.2f}s, "
             f"{res['mbit_s'] or 0:.0f} Mbit/s through wanem ({res['pct_of_cap'] or 0:.0f}% of cap), "
-            f"link 2-98% {res.get('link_mbit_2_98')} Mbit/s, source blobs {sb / MiB:.1f} MiB, "
+            f"link 2-98% {res.get('link_mbit_2_98')} Mbit/s (client side {res.get('client_mbit_2_98')}), source blobs {sb / MiB:.1f} MiB, "
             f"rss {res.get('rss_mib')} MiB, cpu {res.get('cpu_s')} s, wanem {res.get('wanem_cpu_pct')}%, "
             f"machine {res.get('machine_busy_pct')}%"
             + ("" if res.get("verified") else f" problems: {res.get('problems') or res.get('error')}"))
@@ -489,9 +535,9 @@ def tables(runs, desc, small, rtt_ms, a):
     if big:
         out.append("| scenario | tool | rep | wall s | through wanem MiB | Mbit/s (wanem bytes / wall) "
                    "| % of 1 Gbit cap | link Mbit/s (2-98%) | x skopeo (same rep) | source blob MiB (x unique) "
-                   "| conns | peak RSS MiB | tool CPU s | wanem CPU % | src reg CPU % | dst reg CPU % "
+                   "| conns (peak) | peak RSS MiB | tool CPU s | wanem CPU % | src reg CPU % | dst reg CPU % "
                    "| machine busy % | load 1m | verified |")
-        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in big:
             sb = (r.get("source") or {}).get("blob_get_bytes", 0)
             out.append(
@@ -499,8 +545,8 @@ def tables(runs, desc, small, rtt_ms, a):
                 f"{_f((r.get('wan_bytes_down') or 0) / MiB, '{:.0f}')} | {_f(r.get('mbit_s'))} | "
                 f"{_f(r.get('pct_of_cap'), '{:.0f}')} | {_f(r.get('link_mbit_2_98'))} | "
                 f"{_f(same_rep_ratio(runs, r), '{:.2f}')} | {sb / MiB:.0f} ({sb / uniq:.2f}) | "
-                f"{r.get('wan_conns', '-')} | {_f(r.get('rss_mib'))} | {_f(r.get('cpu_s'))} | "
-                f"{_f(r.get('wanem_cpu_pct'), '{:.0f}')} | {_f(r.get('src_registry_cpu_pct'), '{:.0f}')} | "
+                f"{r.get('wan_conns', '-')} ({r.get('wan_conns_peak', '-')}) | {_f(r.get('rss_mib'))} | "
+                f"{_f(r.get('cpu_s'))} | {_f(r.get('wanem_cpu_pct'), '{:.0f}')} | {_f(r.get('src_registry_cpu_pct'), '{:.0f}')} | "
                 f"{_f(r.get('dst_registry_cpu_pct'), '{:.0f}')} | {_f(r.get('machine_busy_pct'), '{:.0f}')} | "
                 f"{_f(r.get('loadavg_1m'))} | {'yes' if r.get('verified') else 'FAILED'} |")
         # summary: medians per tool
@@ -528,18 +574,22 @@ def tables(runs, desc, small, rtt_ms, a):
     bw = [r for r in runs if r["scenario"] == "c: --bandwidth 200Mbit"]
     if bw:
         out.append("")
-        out.append("| --bandwidth 200Mbit | rep | link Mbit/s (2-98% of wanem bytes) | deviation | "
-                   "source blob bytes / blob-GET phase (Mbit/s) | deviation | unique bytes / wall (Mbit/s) | verified |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---|")
+        cap = parse_rate_mbit(a.bandwidth)
+        dev = lambda x: _f(100 * (x - cap) / cap if x else None, '{:+.1f}%')   # noqa: E731
+        out.append(f"| --bandwidth {a.bandwidth} | rep | wall s | link Mbit/s (2-98%) | deviation "
+                   "| client side Mbit/s (2-98%) | deviation | source blob bytes / blob-GET phase (Mbit/s) "
+                   "| deviation | unique bytes / wall (Mbit/s) | link 1 s bins p10 / p50 / p90 Mbit/s | verified |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for r in bw:
             sb = (r.get("source") or {}).get("blob_get_bytes", 0)
             ph = r.get("source_blob_get_phase_s")
             pr = sb * 8 / 1e6 / ph if ph else None
-            lk = r.get("link_mbit_2_98")
-            out.append(f"| crossdock | {r['rep']} | {_f(lk)} | "
-                       f"{_f(100 * (lk - 200) / 200 if lk else None, '{:+.1f}%')} | {_f(pr)} | "
-                       f"{_f(100 * (pr - 200) / 200 if pr else None, '{:+.1f}%')} | "
-                       f"{_f(r.get('unique_mbit_s'))} | {'yes' if r.get('verified') else 'FAILED'} |")
+            lk, cl = r.get("link_mbit_2_98"), r.get("client_mbit_2_98")
+            b1 = r.get("link_1s_mbit") or {}
+            out.append(f"| crossdock | {r['rep']} | {_f(r.get('wall_s'), '{:.2f}')} | {_f(lk)} | {dev(lk)} | "
+                       f"{_f(cl)} | {dev(cl)} | {_f(pr)} | {dev(pr)} | {_f(r.get('unique_mbit_s'))} | "
+                       f"{_f(b1.get('p10'), '{:.0f}')} / {_f(b1.get('p50'), '{:.0f}')} / "
+                       f"{_f(b1.get('p90'), '{:.0f}')} | {'yes' if r.get('verified') else 'FAILED'} |")
     if smalls:
         n = small["images"]
         serial3 = n * 3 * rtt_ms / 1000
@@ -593,6 +643,8 @@ def main(argv=None):
                     help="skip bench-link and use these mirror flags for the recommended row")
     ap.add_argument("--no-verbatim", action="store_true",
                     help="leave out the row running bench-link's recommendation verbatim (with its --bandwidth)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME|ARGS",
+                    help="an extra crossdock row in scenario a, e.g. 'jobs16|--jobs 16' (repeatable)")
     ap.add_argument("--run-timeout", type=float, default=900, help="seconds per tool run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--note", default="")
@@ -677,6 +729,10 @@ def main(argv=None):
                     i = verb.index("--insecure") + 1 if "--insecure" in verb else 4
                     b.run(A, "crossdock recommended verbatim", rep, src, desc, SRC_NS, DST_NS,
                           b.crossdock(verb[i:]), xd_map)
+                for v in a.variant:
+                    name, _, vargs = v.partition("|")
+                    b.run(A, f"crossdock {name}", rep, src, desc, SRC_NS, DST_NS,
+                          b.crossdock(shlex.split(vargs)), xd_map)
                 if "b" in scenarios:
                     b.run(A, "skopeo", rep, src, desc, SRC_NS, DST_NS, b.skopeo(repos), sk_map)
             elif "b" in scenarios:

@@ -737,6 +737,11 @@ LinkRecommendation recommend_link_settings(const BenchLinkReport& r) {
         }
     }
     rec.streams = best_of(r.get).second;
+    double one_stream = 0;
+    for (const auto& g : r.get)
+        if (g.streams == 1) one_stream = g.mib_per_s();
+    const double connections = one_stream > 0 ? std::ceil(rec.best_get_mib_per_s / one_stream) : 4.0;
+    rec.jobs = static_cast<unsigned>(std::clamp(2.0 * connections, 8.0, 64.0));
 
     // Chunk sizes are compared where all of them really were chunked: at the stream counts whose
     // uploads are larger than every chunk size measured. Without such a count, each series is
@@ -801,8 +806,10 @@ std::string recommended_command(const BenchLinkReport& r, const LinkRecommendati
     if (insecure) cmd += " --insecure";
     if (!ca_file.empty()) cmd += " --ca-file " + ca_file;
     cmd += strf(" --streams %u", rec.streams);
+    if (rec.jobs) cmd += strf(" --jobs %u", rec.jobs);
     if (rec.chunk_size_bytes) cmd += strf(" --chunk-size %llu", static_cast<unsigned long long>(chunk_flag_mib(rec.chunk_size_bytes)));
-    cmd += strf(" --bandwidth %lluMiB/s", static_cast<unsigned long long>(rec.bandwidth_mib_per_s));
+    // --bandwidth is advice for sharing the link with other traffic (printed beside), not part of
+    // the command that fills it.
     return cmd;
 }
 
@@ -851,6 +858,7 @@ std::string bench_link_json(const BenchLinkReport& r, const LinkRecommendation& 
     J rj;
     rj["valid"] = rec.valid;
     rj["streams"] = rec.streams;
+    rj["jobs"] = rec.jobs;
     rj["chunk_size_bytes"] = rec.chunk_size_bytes;
     rj["chunk_size_mib"] = rec.chunk_size_bytes ? chunk_flag_mib(rec.chunk_size_bytes) : 0;
     rj["bandwidth"] = strf("%lluMiB/s", static_cast<unsigned long long>(rec.bandwidth_mib_per_s));
@@ -944,8 +952,10 @@ std::string bench_link_text(const BenchLinkReport& r, const LinkRecommendation& 
                       static_cast<unsigned long long>(chunk_flag_mib(rec.chunk_size_bytes)), rec.chunked_put_mib_per_s,
                       size_label(rec.chunk_size_bytes).c_str(), rec.best_monolithic_mib_per_s);
         const std::string bw = strf("%lluMiB/s", static_cast<unsigned long long>(rec.bandwidth_mib_per_s));
-        t += strf("  --bandwidth %-8s %.0f%% of the link's capacity: min(best GET, best PUT) = %.1f MiB/s\n", bw.c_str(),
-                  kBandwidthShare * 100, rec.capacity_mib_per_s);
+        t += strf("  --jobs %-13u blobs in flight: the link takes about %u connections at the 1-stream rate, twice over\n",
+                  rec.jobs, rec.jobs / 2);
+        t += strf("  --bandwidth %-8s to share the link: %.0f%% of its capacity, min(best GET, best PUT) = %.1f MiB/s "
+                  "(add it when other traffic needs room)\n", bw.c_str(), kBandwidthShare * 100, rec.capacity_mib_per_s);
         t += strf("  uploads: %u in parallel reach %.1f MiB/s (crossdock mirror --jobs bounds the blobs in flight)\n",
                   rec.put_streams, [&] {
                       for (const auto& s : r.put)

@@ -127,6 +127,10 @@ struct LinkRecommendation {
     double best_put_any_mib_per_s = 0;  // best PUT of every series
     double capacity_mib_per_s = 0;    // min(best GET, best PUT of any series): what a mirror can reach
     uint64_t bandwidth_mib_per_s = 0; // kBandwidthShare of the capacity, rounded down, at least 1
+    // Blob transfers in flight (--jobs): enough connections to fill the link when each one is
+    // capped (aggregate / single-stream GET), twice over because blobs under the range threshold
+    // use one connection each; within [8, 64].
+    unsigned jobs = 0;
 };
 
 // Fewer streams are cheaper for the registry: take the smallest N within 5% of the best.
