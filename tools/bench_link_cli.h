@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "engine/auth_parse.h"
+#include "tools/cli_common.h"
 #include "engine/bench_link.h"
 #include "engine/reference.h"
 
@@ -51,16 +52,6 @@ inline int usage_error(const std::string& msg) {
     return engine::kBenchLinkRefused;
 }
 
-// "user:password" -> Credentials; the password may itself contain ':'.
-inline std::optional<engine::Credentials> parse_creds(const std::string& s) {
-    auto colon = s.find(':');
-    if (colon == std::string::npos || colon == 0) return std::nullopt;
-    engine::Credentials c;
-    c.username = s.substr(0, colon);
-    c.password = s.substr(colon + 1);
-    return c;
-}
-
 inline int run(const Args& a) {
     engine::BenchLinkOptions o;
     if (a.refs.size() != 2) return usage_error("needs a SOURCE and a TARGET");
@@ -70,19 +61,11 @@ inline int run(const Args& a) {
     if (!dst.ok()) return usage_error("TARGET '" + a.refs[1] + "': " + dst.error().message);
     o.source = src.value();
     o.target = dst.value();
-    if (!a.src_creds.empty()) {
-        o.source_credentials = parse_creds(a.src_creds);
-        if (!o.source_credentials) return usage_error("--src-creds must be USER:PASSWORD");
-    }
-    if (!a.dest_creds.empty()) {
-        o.target_credentials = parse_creds(a.dest_creds);
-        if (!o.target_credentials) return usage_error("--dest-creds must be USER:PASSWORD");
-    }
-    if (!a.authfile.empty()) {
-        if (::access(a.authfile.c_str(), R_OK) != 0) return usage_error("--authfile " + a.authfile + ": cannot be read");
-        o.auth_files.push_back(a.authfile);
-    }
-    for (auto& f : engine::default_auth_files()) o.auth_files.push_back(f);
+    cli::ResolvedCredentials creds;
+    if (auto err = cli::resolve_credentials({a.src_creds, a.dest_creds, a.authfile}, creds)) return usage_error(*err);
+    o.source_credentials = creds.source;
+    o.target_credentials = creds.target;
+    o.auth_files = creds.auth_files;
     if (a.streams.empty()) return usage_error("--streams needs at least one count");
     if (a.chunk_mib.empty()) return usage_error("--chunk-sizes needs at least one size");
     o.insecure = a.insecure;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/auth_parse.h"
+#include "tools/cli_common.h"
 #include "engine/mirror.h"
 #include "engine/reference.h"
 #include "planner/token_bucket.h"
@@ -23,16 +24,6 @@ constexpr int kExitUsage = 2;
 int usage_error(const std::string& msg) {
     std::fprintf(stderr, "crossdock: %s\n", msg.c_str());
     return kExitUsage;
-}
-
-// "user:password" -> Credentials; the password may itself contain ':'.
-std::optional<engine::Credentials> parse_creds(const std::string& s) {
-    auto colon = s.find(':');
-    if (colon == std::string::npos || colon == 0) return std::nullopt;
-    engine::Credentials c;
-    c.username = s.substr(0, colon);
-    c.password = s.substr(colon + 1);
-    return c;
 }
 
 std::string format_bytes(uint64_t b) {
@@ -80,19 +71,11 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
             return usage_error("--target-namespace '" + a.target_namespace + "': " + ns.error().message);
         o.target_namespace = a.target_namespace;
     }
-    if (!a.src_creds.empty()) {
-        o.source_credentials = parse_creds(a.src_creds);
-        if (!o.source_credentials) return usage_error("--src-creds must be USER:PASSWORD");
-    }
-    if (!a.dest_creds.empty()) {
-        o.target_credentials = parse_creds(a.dest_creds);
-        if (!o.target_credentials) return usage_error("--dest-creds must be USER:PASSWORD");
-    }
-    if (!a.authfile.empty()) {
-        if (::access(a.authfile.c_str(), R_OK) != 0) return usage_error("--authfile " + a.authfile + ": cannot be read");
-        o.auth_files.push_back(a.authfile);
-    }
-    for (auto& f : engine::default_auth_files()) o.auth_files.push_back(f);
+    cli::ResolvedCredentials creds;
+    if (auto err = cli::resolve_credentials({a.src_creds, a.dest_creds, a.authfile}, creds)) return usage_error(*err);
+    o.source_credentials = creds.source;
+    o.target_credentials = creds.target;
+    o.auth_files = creds.auth_files;
     if (a.jobs == 0 || a.jobs > 256) return usage_error("--jobs must be between 1 and 256");
     // Registries that take chunked uploads commonly require chunks of at least 5 MiB (S3-backed
     // storage); only the last may be shorter.
