@@ -53,20 +53,7 @@ SMALL = ["--size", "8", "--streams", "1,2", "--chunk-sizes", "5", "--rtt-samples
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
-_EMPTY_DOCKER_CONFIG = None
-
-
-def base_env():
-    """No proxies (loopback only), no ambient credentials."""
-    global _EMPTY_DOCKER_CONFIG
-    if _EMPTY_DOCKER_CONFIG is None:
-        _EMPTY_DOCKER_CONFIG = tempfile.mkdtemp(prefix="crossdock-nodockercfg-")
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-           and k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["DOCKER_CONFIG"] = _EMPTY_DOCKER_CONFIG
-    return env
+from cdenv import base_env  # noqa: E402
 
 
 class Run:

@@ -43,26 +43,8 @@ ITEM_KEYS = ("target", "repository", "tag", "digest", "type", "action",
 # Running crossdock
 # --------------------------------------------------------------------------
 
-_EMPTY_DOCKER_CONFIG = None
-
-
-def base_env(**extra):
-    """Environment for crossdock: no proxies (traffic stays on loopback), no
-    ambient credentials (empty $DOCKER_CONFIG, no $REGISTRY_AUTH_FILE)."""
-    global _EMPTY_DOCKER_CONFIG
-    if _EMPTY_DOCKER_CONFIG is None:
-        _EMPTY_DOCKER_CONFIG = tempfile.mkdtemp(prefix="crossdock-nodockercfg-")
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-           and k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["DOCKER_CONFIG"] = _EMPTY_DOCKER_CONFIG
-    for k, v in extra.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    return env
+import cdenv  # noqa: E402
+from cdenv import base_env  # noqa: E402
 
 
 class Run:
@@ -152,8 +134,7 @@ def setUpModule():
 def tearDownModule():
     if SOURCE is not None:
         SOURCE.stop()
-    if _EMPTY_DOCKER_CONFIG:
-        shutil.rmtree(_EMPTY_DOCKER_CONFIG, ignore_errors=True)
+    cdenv.remove_empty_docker_config()
 
 
 # --------------------------------------------------------------------------
