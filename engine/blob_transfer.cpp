@@ -153,8 +153,7 @@ std::string clean(std::string s) {
 }
 
 netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo, cas::BlobRef blob,
-                                const FillOptions& opts, FillStats& stats, FillShared& shared, bool ranged,
-                                netio::WaitGroup& wg) {
+                                const FillOptions& opts, FillStats& stats, FillShared& shared, bool ranged) {
     const std::string what = "blob " + blob->digest() + " from " + source.host() + "/" + repo;
     netio::UringLoop& loop = source.loop();
     while (!shared.pieces.empty() && !shared.error && !shared.whole_done) {
@@ -238,7 +237,6 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
             }
         }
     }
-    (void)wg;
 }
 
 }  // namespace
@@ -273,11 +271,10 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
         shared.add_worker = [&source, &repo, blob, &opts, &stats, &shared, ranged, &wg] {
             wg.add();
             ++shared.active;
-            stats.streams_used = std::max(stats.streams_used, shared.active);
             netio::spawn([](RegistryClient& src, const std::string& r, cas::BlobRef b, const FillOptions& o,
                             FillStats& s, FillShared& sh, bool rg, netio::WaitGroup& w) -> netio::Task<void> {
                 try {
-                    co_await stream_worker(src, r, b, o, s, sh, rg, w);
+                    co_await stream_worker(src, r, b, o, s, sh, rg);
                 } catch (const std::exception& e) {
                     if (!sh.error) sh.error = netio::Error::make(std::string("internal error: ") + e.what());
                 }

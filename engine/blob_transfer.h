@@ -32,7 +32,6 @@ struct FillOptions {
 
 struct FillStats {
     uint64_t bytes_read = 0;  // body bytes received from the source (all attempts)
-    unsigned streams_used = 0;
 };
 
 // Fetches blob->missing_ranges() of `digest` from `repo` on `source` into `blob` (which the caller

@@ -83,9 +83,7 @@ std::string MirrorSummary::to_json() const {
     return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-namespace {
-
-std::string human_bytes(double b) {
+std::string format_bytes(double b) {
     const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     int u = 0;
     while (b >= 1024 && u < 4) {
@@ -96,6 +94,8 @@ std::string human_bytes(double b) {
     std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", b, units[u]);
     return buf;
 }
+
+namespace {
 
 using netio::Flight;
 
@@ -202,10 +202,10 @@ private:
             rate_t0_ = now;
             rate_bytes0_ = moved_bytes();
         }
-        std::string line = "scanned " + std::to_string(repos_scanned_) + "/" + std::to_string(repos_total_) +
+        std::string line = "scanned " + std::to_string(repos_scanned_) + "/" + std::to_string(summary_.repositories) +
                            " repos, " + std::to_string(summary_.items.size()) + " artifacts done, " +
-                           std::to_string(in_progress_) + " in progress | read " + human_bytes(double(live_read_)) +
-                           ", sent " + human_bytes(double(moved_bytes())) + ", " + human_bytes(rate_) + "/s";
+                           std::to_string(in_progress_) + " in progress | read " + format_bytes(double(live_read_)) +
+                           ", sent " + format_bytes(double(moved_bytes())) + ", " + format_bytes(rate_) + "/s";
         uint64_t pending = planned_bytes_ > moved_bytes() ? planned_bytes_ - moved_bytes() : 0;
         if (rate_ > 1 && pending > 0) {
             auto eta = static_cast<long>(double(pending) / rate_);
@@ -280,7 +280,6 @@ private:
             if (opts_.filters.repo && !RE2::FullMatch(rel, *opts_.filters.repo)) continue;
             repos.push_back(rel);
         }
-        repos_total_ = repos.size();
         summary_.repositories = repos.size();
         log("found " + std::to_string(repos.size()) + " matching repositories (of " + std::to_string(cat->size()) +
             " in the catalog)");
@@ -364,7 +363,7 @@ private:
                 if (!opts_.filters.tag || RE2::FullMatch(t, *opts_.filters.tag)) tags.push_back(std::move(t));
         }
         if (!opts_.progress_tty)
-            log("scanned " + std::to_string(repos_scanned_) + "/" + std::to_string(repos_total_) + ": " + rel + " (" +
+            log("scanned " + std::to_string(repos_scanned_) + "/" + std::to_string(summary_.repositories) + ": " + rel + " (" +
                 std::to_string(tags.size()) + " matching tags)");
         for (auto& tag : tags) {
             if (stop_) break;
@@ -376,7 +375,7 @@ private:
     void record(MirrorItem item) {
         std::string line = item.action + " " + item.repository + ":" + item.tag + " -> " + item.target;
         if (!item.digest.empty()) line += " (" + item.digest.substr(0, 19) + ")";
-        if (item.bytes) line += " " + human_bytes(double(item.bytes));
+        if (item.bytes) line += " " + format_bytes(double(item.bytes));
         if (!item.reason.empty()) line += ": " + item.reason;
         log(line);
         if (item.action == "failed" && opts_.fail_fast) stop_ = true;
@@ -473,21 +472,41 @@ private:
         record(std::move(item));
     }
 
+    struct SourceManifest {
+        ManifestData data;
+        Manifest parsed;
+    };
+
+    // An index child the target lacks, fetched from the source and parsed (its media type filled
+    // in from the content when the registry sent none); nullopt when the target already has it.
+    Task<netio::Result<std::optional<SourceManifest>>> child_to_copy(Target& t, const std::string& src_repo,
+                                                                    const std::string& dst_repo,
+                                                                    const Descriptor& child) {
+        auto h = co_await t.client->head_manifest(dst_repo, child.digest);
+        if (!h.ok()) co_return h.error();
+        if (h.value()) co_return std::optional<SourceManifest>{};
+        auto cm = co_await source_->get_manifest(src_repo, child.digest);
+        if (!cm.ok()) co_return cm.error();
+        if (!cm.value()) co_return netio::Error::make("index child " + child.digest + " is missing on the source");
+        ManifestData cd = std::move(*cm.value());
+        auto parsed = parse_manifest(cd.bytes, cd.media_type);
+        if (!parsed.ok())
+            co_return netio::Error::make("malformed child manifest " + child.digest + ": " + parsed.error().message);
+        if (cd.media_type.empty()) cd.media_type = parsed->media_type;
+        std::optional<SourceManifest> out = SourceManifest{std::move(cd), std::move(parsed.value())};
+        co_return out;
+    }
+
     // Dry run: bytes of the blobs (of this manifest and its children) the target lacks.
     Task<netio::Status> missing_bytes(Target& t, std::string rel, std::string dst_repo, const Manifest& m,
                                       uint64_t& bytes) {
         const std::string src_repo = join_repo(opts_.source.ns, rel);
         if (m.kind == ManifestKind::index) {
             for (const auto& child : m.manifests) {
-                auto h = co_await t.client->head_manifest(dst_repo, child.digest);
-                if (!h.ok()) co_return h.error();
-                if (h.value()) continue;
-                auto cm = co_await source_->get_manifest(src_repo, child.digest);
-                if (!cm.ok()) co_return cm.error();
-                if (!cm.value()) co_return netio::Error::make("index child " + child.digest + " is missing on the source");
-                auto parsed = parse_manifest(cm.value()->bytes, cm.value()->media_type);
-                if (!parsed.ok()) co_return netio::Error::make("malformed child manifest " + child.digest + ": " + parsed.error().message);
-                auto st = co_await missing_bytes(t, rel, dst_repo, parsed.value(), bytes);
+                auto next = co_await child_to_copy(t, src_repo, dst_repo, child);
+                if (!next.ok()) co_return next.error();
+                if (!next.value()) continue;
+                auto st = co_await missing_bytes(t, rel, dst_repo, next.value()->parsed, bytes);
                 if (!st.ok()) co_return st;
             }
             co_return netio::ok_status();
@@ -506,19 +525,11 @@ private:
         const std::string src_repo = join_repo(opts_.source.ns, rel);
         if (m.kind == ManifestKind::index) {
             for (const auto& child : m.manifests) {
-                auto h = co_await t.client->head_manifest(dst_repo, child.digest);
-                if (!h.ok()) co_return h.error();
-                if (h.value()) continue;
-                auto cm = co_await source_->get_manifest(src_repo, child.digest);
-                if (!cm.ok()) co_return cm.error();
-                if (!cm.value())
-                    co_return netio::Error::make("index child " + child.digest + " is missing on the source");
-                ManifestData cd = std::move(*cm.value());
-                auto parsed = parse_manifest(cd.bytes, cd.media_type);
-                if (!parsed.ok())
-                    co_return netio::Error::make("malformed child manifest " + child.digest + ": " + parsed.error().message);
-                if (cd.media_type.empty()) cd.media_type = parsed->media_type;
-                auto st = co_await push_tree(t, rel, dst_repo, cd, parsed.value(), child.digest, bytes);
+                auto next = co_await child_to_copy(t, src_repo, dst_repo, child);
+                if (!next.ok()) co_return next.error();
+                if (!next.value()) continue;
+                const SourceManifest& c = *next.value();
+                auto st = co_await push_tree(t, rel, dst_repo, c.data, c.parsed, child.digest, bytes);
                 if (!st.ok()) co_return st;
             }
         } else {
@@ -690,7 +701,6 @@ private:
     std::set<std::string> fetched_this_run_;
     MirrorSummary summary_;
     bool stop_ = false;
-    size_t repos_total_ = 0;
     size_t repos_scanned_ = 0;
     size_t in_progress_ = 0;
     uint64_t planned_bytes_ = 0;  // bytes of the uploads started so far

@@ -94,4 +94,7 @@ struct MirrorSummary {
 
 MirrorSummary run_mirror(const MirrorOptions& opts);
 
+// "1.5 GiB", "540.9 KiB", "176 B": sizes and rates for people.
+std::string format_bytes(double bytes);
+
 }  // namespace engine

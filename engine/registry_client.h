@@ -57,8 +57,6 @@ struct ManifestData {
     std::string digest;  // sha256 of bytes (checked against Docker-Content-Digest / the requested digest)
 };
 
-enum class UploadOutcome { uploaded, mounted };
-
 // Produces the body of [offset, offset+length) of a blob; called again for every retry.
 using BlobBodyFactory = std::function<std::shared_ptr<netio::BodySource>(uint64_t offset, uint64_t length)>;
 

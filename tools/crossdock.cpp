@@ -26,18 +26,6 @@ int usage_error(const std::string& msg) {
     return kExitUsage;
 }
 
-std::string format_bytes(uint64_t b) {
-    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = static_cast<double>(b);
-    int u = 0;
-    while (v >= 1024 && u < 4) {
-        v /= 1024;
-        ++u;
-    }
-    char buf[32];
-    std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, units[u]);
-    return buf;
-}
 
 struct MirrorArgs {
     std::vector<std::string> refs;
@@ -118,12 +106,12 @@ int run_mirror(const MirrorArgs& a, bool target_namespace_given) {
                          it.reason.c_str());
     std::fprintf(stderr, "%s%zu repositories, %zu %s, %zu skipped, %zu failed; %s uploaded (%zu blobs, %zu mounted, %zu already there), %s read from the source in %.1f s\n",
                  s.dry_run ? "dry run: " : "", s.repositories, s.copied, s.dry_run ? "would be copied" : "copied",
-                 s.skipped, s.failed, format_bytes(s.bytes_copied).c_str(), s.blobs_uploaded, s.blobs_mounted,
-                 s.blobs_existing, format_bytes(s.bytes_read_source).c_str(), s.duration_s);
+                 s.skipped, s.failed, engine::format_bytes(double(s.bytes_copied)).c_str(), s.blobs_uploaded, s.blobs_mounted,
+                 s.blobs_existing, engine::format_bytes(double(s.bytes_read_source)).c_str(), s.duration_s);
     if (s.dry_run) {
         uint64_t would = 0;
         for (const auto& it : s.items) would += it.bytes;
-        std::fprintf(stderr, "dry run: %s of blobs would be uploaded; nothing was written\n", format_bytes(would).c_str());
+        std::fprintf(stderr, "dry run: %s of blobs would be uploaded; nothing was written\n", engine::format_bytes(double(would)).c_str());
     }
     return s.ok() ? kExitOk : kExitFailed;
 }
