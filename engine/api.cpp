@@ -383,6 +383,10 @@ private:
 
     // ---- routes ----
     HttpResponse version();
+    // A collection: GET lists it under `key`; POST checks the body with `parse`, creates with
+    // `create` and answers 201 with a Location under `path`.
+    template <class List, class Parse, class Create>
+    HttpResponse collection(const char* key, const std::string& path, List list, Parse parse, Create create);
     HttpResponse registries();
     HttpResponse registry(const std::string& ref);
     HttpResponse links();
@@ -436,25 +440,33 @@ HttpResponse Router::version() {
 
 // ---- registries ----
 
-HttpResponse Router::registries() {
+template <class List, class Parse, class Create>
+HttpResponse Router::collection(const char* key, const std::string& path, List list, Parse parse, Create create) {
     HttpResponse out;
     if (!allowed({"GET", "POST"}, out)) return out;
     if (method_ == "GET") {
-        auto list = store_.list_registries();
-        if (!list.ok()) return from_error(list.error());
+        auto items = list();
+        if (!items.ok()) return from_error(items.error());
         json arr = json::array();
-        for (const auto& r : *list) arr.push_back(to_json(r));
-        return json_response(200, json{{"registries", std::move(arr)}});
+        for (const auto& r : *items) arr.push_back(to_json(r));
+        return json_response(200, json{{key, std::move(arr)}});
     }
     auto b = body(out);
     if (!b) return out;
-    auto checked = registry_from_json(*b);
+    auto checked = parse(*b);
     if (!checked.ok()) return field_errors_response(checked.errors);
-    auto added = store_.add_registry(checked.value);
-    if (!added.ok()) return from_error(added.error());
-    HttpResponse r = json_response(201, to_json(*added));
-    r.headers.emplace_back("Location", "/v1/registries/" + std::to_string(added->id));
+    auto created = create(checked.value);
+    if (!created.ok()) return from_error(created.error());
+    HttpResponse r = json_response(201, to_json(*created));
+    r.headers.emplace_back("Location", path + std::to_string(created->id));
     return r;
+}
+
+HttpResponse Router::registries() {
+    return collection(
+        "registries", "/v1/registries/", [&] { return store_.list_registries(); },
+        [](const json& b) { return registry_from_json(b); },
+        [&](const auto& value) { return store_.add_registry(value); });
 }
 
 HttpResponse Router::registry(const std::string& ref) {
@@ -537,24 +549,9 @@ HttpResponse Router::link(const std::string& src, const std::string& dst) {
 // ---- rules ----
 
 HttpResponse Router::rules() {
-    HttpResponse out;
-    if (!allowed({"GET", "POST"}, out)) return out;
-    if (method_ == "GET") {
-        auto list = store_.list_rules();
-        if (!list.ok()) return from_error(list.error());
-        json arr = json::array();
-        for (const auto& r : *list) arr.push_back(to_json(r));
-        return json_response(200, json{{"rules", std::move(arr)}});
-    }
-    auto b = body(out);
-    if (!b) return out;
-    auto checked = rule_from_json(*b);
-    if (!checked.ok()) return field_errors_response(checked.errors);
-    auto created = store_.create_rule(checked.value);
-    if (!created.ok()) return from_error(created.error());
-    HttpResponse r = json_response(201, to_json(*created));
-    r.headers.emplace_back("Location", "/v1/rules/" + std::to_string(created->id));
-    return r;
+    return collection(
+        "rules", "/v1/rules/", [&] { return store_.list_rules(); }, [](const json& b) { return rule_from_json(b); },
+        [&](const auto& value) { return store_.create_rule(value); });
 }
 
 HttpResponse Router::rule(const std::string& ref) {
