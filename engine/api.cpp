@@ -268,6 +268,20 @@ private:
     // ---- helpers ----
     Time now() const { return o_.clock ? o_.clock() : now_ms(); }
 
+    // A task as the API shows it: the record, and the engine's live figures while it runs.
+    json task_json(const TaskRecord& t, Time at) const {
+        json j = to_json(t, at);
+        if (t.status == TaskStatus::in_progress && o_.live_progress) {
+            try {
+                json p = o_.live_progress(t.id);
+                if (p.is_object()) j["progress"] = std::move(p);
+            } catch (...) {
+                log("control API: live_progress threw");
+            }
+        }
+        return j;
+    }
+
     void log(const std::string& msg) const {
         try {
             if (o_.log) o_.log(msg);
@@ -654,7 +668,7 @@ HttpResponse Router::tasks() {
     if (!page.ok()) return from_error(page.error());
     const Time t = now();
     json arr = json::array();
-    for (const auto& task : page->tasks) arr.push_back(to_json(task, t));
+    for (const auto& task : page->tasks) arr.push_back(task_json(task, t));
     return json_response(200, json{{"tasks", std::move(arr)}, {"next_cursor", cursor_json(page->next_cursor)}});
 }
 
@@ -663,7 +677,7 @@ HttpResponse Router::task(const std::string& ref) {
     if (!allowed({"GET"}, out)) return out;
     auto t = find_task(ref);
     if (!t.ok()) return from_error(t.error());
-    return json_response(200, to_json(*t, now()));
+    return json_response(200, task_json(*t, now()));
 }
 
 HttpResponse Router::task_items(const std::string& ref) {

@@ -17,7 +17,9 @@
 //   POST   /v1/rules/{ref}/trigger        202 + Location, the Queued task (trigger "manual"); 409 if the
 //                                         rule is disabled. Running it is the daemon's job (hooks below).
 //   GET    /v1/tasks?rule=&status=&since=&until=&limit=&cursor=    200 {"tasks": [...], "next_cursor"}
-//   GET    /v1/tasks/{id}                 200
+//   GET    /v1/tasks/{id}                 200; a running task also has "progress": {"repositories",
+//                                         "repositories_scanned", "artifacts_done", "artifacts_in_progress",
+//                                         "bytes_read", "bytes_sent"} (live, from the engine)
 //   GET    /v1/tasks/{id}/items?limit=&cursor=&action=             200 {"items": [...], "next_cursor"}
 //   POST   /v1/tasks/{id}/cancel          200 (Queued -> Stopped) / 202 (InProgress: cancel requested);
 //                                         409 if already finished
@@ -45,6 +47,8 @@
 #include <functional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "engine/rules.h"
 #include "engine/store.h"
 #include "netio/http_server.h"
@@ -57,6 +61,8 @@ struct ControlApiOptions {
     // Hooks for the daemon, called after the store has committed (exceptions are caught).
     std::function<void(const TaskRecord&)> on_task_queued;   // a manual trigger created a task
     std::function<void(int64_t task_id)> on_cancel_requested;  // an InProgress task must stop
+    // Live figures of a running task, written as its "progress" member (an object; null = none).
+    std::function<nlohmann::json(int64_t task_id)> live_progress;
     // Where unexpected errors are reported (500s). Default: nowhere.
     std::function<void(std::string_view)> log;
 };

@@ -124,9 +124,12 @@ public:
         if (!setup_cache()) return finish(t0);
         netio::OpId progress_timer;
         if (opts_.progress_tty && opts_.log) progress_timer = schedule_progress();
+        if (opts_.cancel || opts_.progress) schedule_watch();
         netio::run_blocking(loop_, main_task());
         if (progress_timer) loop_.cancel_timer(progress_timer_);
         if (tuner_timer_) loop_.cancel_timer(tuner_timer_);
+        if (watch_timer_) loop_.cancel_timer(watch_timer_);
+        publish_progress();
         progress_stop_ = true;
         if (opts_.progress_tty && opts_.log) std::fprintf(opts_.log, "\r\033[K");
         return finish(t0);
@@ -194,6 +197,31 @@ private:
         return progress_timer_;
     }
 
+    // The daemon's hooks: a cancel request stops the run; live figures are published.
+    void schedule_watch() {
+        watch_timer_ = loop_.add_timer(std::chrono::milliseconds(100), [this] {
+            if (progress_stop_) return;
+            if (opts_.cancel && opts_.cancel->load() && !summary_.cancelled) {
+                summary_.cancelled = true;
+                stop_ = true;
+                http_.shutdown();
+            }
+            publish_progress();
+            schedule_watch();
+        });
+    }
+
+    void publish_progress() {
+        if (!opts_.progress) return;
+        MirrorProgress& p = *opts_.progress;
+        p.repositories = summary_.repositories;
+        p.repositories_scanned = repos_scanned_;
+        p.artifacts_done = summary_.items.size();
+        p.artifacts_in_progress = in_progress_;
+        p.bytes_read = live_read_;
+        p.bytes_sent = live_sent_;
+    }
+
     void draw_progress() {
         auto now = std::chrono::steady_clock::now();
         double secs = std::chrono::duration<double>(now - rate_t0_).count();
@@ -235,6 +263,11 @@ private:
         ro.host = host;
         ro.insecure = opts_.insecure;
         ro.ca_file = opts_.ca_file;
+        if (auto it = opts_.transports.find(host); it != opts_.transports.end()) {
+            ro.scheme = it->second.scheme;
+            ro.insecure = it->second.insecure;
+            ro.ca_file = it->second.ca_file;
+        }
         ro.credentials = credentials_for(host, flag);
         ro.chunk_size_bytes = opts_.chunk_size_bytes;
         return ro;
@@ -372,13 +405,18 @@ private:
         }
     }
 
-    void record(MirrorItem item) {
+    // `started`: when the work on the item began, for its duration.
+    void record(MirrorItem item, std::optional<std::chrono::steady_clock::time_point> started = {}) {
+        if (started)
+            item.duration_ms = static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - *started).count());
         std::string line = item.action + " " + item.repository + ":" + item.tag + " -> " + item.target;
         if (!item.digest.empty()) line += " (" + item.digest.substr(0, 19) + ")";
         if (item.bytes) line += " " + format_bytes(double(item.bytes));
         if (!item.reason.empty()) line += ": " + item.reason;
         log(line);
         if (item.action == "failed" && opts_.fail_fast) stop_ = true;
+        if (opts_.on_item && !(summary_.cancelled && item.action == "failed")) opts_.on_item(item);
         summary_.items.push_back(std::move(item));
     }
 
@@ -430,12 +468,13 @@ private:
     Task<void> copy_to_target(Target& t, std::string rel, std::string tag, const ManifestData& data,
                               const Manifest& m, std::string type) {
         const std::string dst_repo = join_repo(t.ref.ns, rel);
+        const auto t0 = std::chrono::steady_clock::now();
         MirrorItem item{t.label, rel, tag, data.digest, type, "", "", 0};
         auto head = co_await t.client->head_manifest(dst_repo, tag);
         if (!head.ok()) {
             item.action = "failed";
             item.reason = head.error().message;
-            record(std::move(item));
+            record(std::move(item), t0);
             co_return;
         }
         if (head.value()) {
@@ -443,13 +482,13 @@ private:
             if (h.digest == data.digest) {
                 item.action = "skipped";
                 item.reason = "same digest";
-                record(std::move(item));
+                record(std::move(item), t0);
                 co_return;
             }
             if (!opts_.overwrite) {
                 item.action = "skipped";
                 item.reason = "exists";
-                record(std::move(item));
+                record(std::move(item), t0);
                 co_return;
             }
         }
@@ -469,7 +508,7 @@ private:
         } else {
             item.action = opts_.dry_run ? "would-copy" : "copied";
         }
-        record(std::move(item));
+        record(std::move(item), t0);
     }
 
     struct SourceManifest {
@@ -713,6 +752,7 @@ private:
     netio::OpId tuner_timer_;
     uint64_t live_sent_ = 0;
     netio::OpId progress_timer_;
+    netio::OpId watch_timer_;
     bool progress_stop_ = false;
     std::chrono::steady_clock::time_point rate_t0_ = std::chrono::steady_clock::now();
     uint64_t rate_bytes0_ = 0;

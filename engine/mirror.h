@@ -9,8 +9,11 @@
 // Threading: run_mirror() owns its own loop and runs it on the calling thread until done.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -36,6 +39,26 @@ struct Filters {
 netio::Result<Filters> compile_filters(const std::string& repo_regex, const std::string& tag_regex,
                                        const std::string& type);
 
+// Per-registry transport, by host: the daemon's registry records (URL scheme, TLS settings).
+struct RegistryTransport {
+    std::string scheme;  // "http" or "https"; "" = https, then http if insecure
+    bool insecure = false;
+    std::string ca_file;
+};
+
+// Live figures of a run, updated by the mirror about ten times a second and readable from any
+// thread (the daemon's task progress).
+struct MirrorProgress {
+    std::atomic<uint64_t> repositories{0};          // matching repositories (known once listed)
+    std::atomic<uint64_t> repositories_scanned{0};
+    std::atomic<uint64_t> artifacts_done{0};
+    std::atomic<uint64_t> artifacts_in_progress{0};
+    std::atomic<uint64_t> bytes_read{0};            // from the source
+    std::atomic<uint64_t> bytes_sent{0};            // to the targets (retries count again)
+};
+
+struct MirrorItem;
+
 struct MirrorOptions {
     RegistryRef source;
     std::vector<RegistryRef> targets;
@@ -59,6 +82,15 @@ struct MirrorOptions {
     uint64_t range_threshold_bytes = 32u << 20;     // blobs from this size use `streams` ranges
     bool progress_tty = false;                      // a live status line on `log`
     FILE* log = stderr;                             // progress and log lines; nullptr = quiet
+    std::map<std::string, RegistryTransport> transports;  // by host; hosts not here use insecure/ca_file
+
+    // For the daemon. on_item: each artifact's outcome, on the mirror's thread, as it is recorded.
+    // cancel: set from any thread to stop the run: no new artifact starts and transfers in flight
+    // are aborted (partial blobs keep their verified chunks in the cache, for the next run); the
+    // artifacts cut short are in the summary as failed but are not passed to on_item.
+    std::function<void(const MirrorItem&)> on_item;
+    std::shared_ptr<const std::atomic<bool>> cancel;
+    std::shared_ptr<MirrorProgress> progress;
 };
 
 struct MirrorItem {
@@ -70,6 +102,7 @@ struct MirrorItem {
     std::string action;      // copied | skipped | failed | would-copy
     std::string reason;
     uint64_t bytes = 0;      // blob bytes uploaded (or that would be) for this item
+    uint64_t duration_ms = 0;
 };
 
 struct MirrorSummary {
@@ -84,6 +117,7 @@ struct MirrorSummary {
     size_t blobs_mounted = 0;
     size_t blobs_existing = 0;
     size_t blobs_from_cache = 0;     // uploads served from a cache kept by an earlier run
+    bool cancelled = false;          // stopped by MirrorOptions::cancel
     double duration_s = 0;
     std::vector<std::string> errors;  // failures not tied to one artifact (source unreachable, ...)
     std::vector<MirrorItem> items;

@@ -271,8 +271,13 @@ Task<Status> RegistryClient::fetch_token(std::string key, std::vector<std::strin
 }
 
 Task<Status> RegistryClient::ping() {
-    std::vector<std::string> schemes = {"https://"};
-    if (opts_.insecure) schemes.push_back("http://");
+    std::vector<std::string> schemes;
+    if (opts_.scheme.empty()) {
+        schemes.push_back("https://");
+        if (opts_.insecure) schemes.push_back("http://");
+    } else {
+        schemes.push_back(opts_.scheme + "://");
+    }
     netio::Error last = error(opts_.host + ": not reachable");
     for (const auto& scheme : schemes) {
         base_url_ = scheme + opts_.host;

@@ -36,6 +36,7 @@ using netio::Task;
 struct RegistryOptions {
     std::string host;                        // "host[:port]"
     bool insecure = false;                   // allow plain http, skip TLS verification
+    std::string scheme;                      // "http" or "https" to use only that; "" = https (then http if insecure)
     std::string ca_file;                     // extra CA bundle
     std::optional<Credentials> credentials;  // from flags or a docker config file
     planner::BackoffPolicy backoff{};

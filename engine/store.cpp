@@ -906,7 +906,10 @@ Result<TaskRecord> Store::create_task(int64_t rule_id, Trigger trigger) {
 }
 
 Status Store::start_task(int64_t task_id) {
-    auto r = exec(db_.get(), "UPDATE tasks SET status = 'InProgress', started_ms = ?2 WHERE id = ?1 AND status = 'Queued'",
+    // A resumed task keeps the time its first run started.
+    auto r = exec(db_.get(),
+                  "UPDATE tasks SET status = 'InProgress', started_ms = COALESCE(started_ms, ?2) "
+                  "WHERE id = ?1 AND status = 'Queued'",
                   task_id, options_.clock());
     if (!r.ok()) return r.error();
     if (*r == 1) return netio::ok_status();
@@ -1146,7 +1149,7 @@ Result<uint64_t> Store::fail_interrupted(std::string_view reason) {
     return static_cast<uint64_t>(*r);
 }
 
-Status Store::requeue(int64_t task_id) {
+Status Store::requeue(int64_t task_id, std::string_view reason) {
     auto tx = Transaction::begin(db_.get());
     if (!tx.ok()) return tx.error();
     auto status = task_status(db_.get(), task_id);
@@ -1154,12 +1157,8 @@ Status Store::requeue(int64_t task_id) {
     if (is_terminal(*status))
         return err(ErrorKind::conflict, "task " + std::to_string(task_id) + " already finished (" +
                                             std::string(to_string(*status)) + "); it cannot be requeued");
-    if (auto r = exec(db_.get(), "DELETE FROM task_items WHERE task_id = ?1", task_id); !r.ok()) return r.error();
-    auto r = exec(db_.get(),
-                  "UPDATE tasks SET status = 'Queued', started_ms = NULL, finished_ms = NULL, "
-                  "reason = 'resumed after an interrupted run', repositories = 0, copied = 0, skipped = 0, "
-                  "failed = 0, bytes = 0 WHERE id = ?1",
-                  task_id);
+    auto r = exec(db_.get(), "UPDATE tasks SET status = 'Queued', finished_ms = NULL, reason = ?2 WHERE id = ?1",
+                  task_id, std::string(reason.substr(0, kMaxReasonLength)));
     if (!r.ok()) return r.error();
     return tx->commit();
 }

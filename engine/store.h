@@ -188,9 +188,10 @@ public:
     netio::Result<std::vector<TaskRecord>> interrupted_tasks();
     // Marks every one of them Failed with `reason`; returns how many.
     netio::Result<uint64_t> fail_interrupted(std::string_view reason);
-    // Puts one back to Queued for a fresh run: counters and items are cleared (the new run logs every
-    // artifact again, those already copied as skipped) and the reason says it was resumed.
-    netio::Status requeue(int64_t task_id);
+    // Puts one back to Queued so that a new run continues it: its items, counters and start time are
+    // kept (the new run appends what it does; the daemon leaves out artifacts the log already has
+    // and finds unchanged), and `reason` says why it was resumed.
+    netio::Status requeue(int64_t task_id, std::string_view reason);
 
 private:
     struct DbDeleter {

@@ -131,6 +131,7 @@ struct HttpClient::Impl {
     std::vector<EasyPtr> pool;
     TransferId next_id = 1;
     int in_callback = 0;  // > 0 while a sink or source runs inside a curl callback
+    bool shut_down = false;
     std::shared_ptr<int> alive = std::make_shared<int>(0);
 
     explicit Impl(UringLoop& l) : loop(l), multi(l) {}
@@ -479,7 +480,10 @@ TransferId HttpClient::start(Request req, BodySink* sink, DoneCallback done) {
     t->easy = d.take_easy();
 
     std::optional<Error> err;
-    if (!t->easy) {
+    if (d.shut_down) {
+        err = Error::make(t->what() + ": cancelled (the client is shutting down)",
+                          std::make_error_code(std::errc::operation_canceled));
+    } else if (!t->easy) {
         err = Error::make(t->what() + ": curl_easy_init failed", std::make_error_code(std::errc::not_enough_memory));
     } else {
         err = d.configure(*t, req);
@@ -527,6 +531,15 @@ void HttpClient::cancel(TransferId id) {
     d.loop.defer([&d, id, token = std::weak_ptr<int>(d.alive)] {
         if (!token.expired()) d.finish_cancel(id);
     });
+}
+
+void HttpClient::shutdown() {
+    auto& d = *impl_;
+    d.shut_down = true;
+    std::vector<TransferId> ids;
+    ids.reserve(d.transfers.size());
+    for (const auto& [id, t] : d.transfers) ids.push_back(id);
+    for (TransferId id : ids) cancel(id);
 }
 
 size_t HttpClient::active() const noexcept { return impl_->transfers.size(); }

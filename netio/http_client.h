@@ -147,6 +147,9 @@ public:
     void resume(TransferId id);
     // Aborts a transfer; `done` runs with an ECANCELED error.
     void cancel(TransferId id);
+    // Cancels every running transfer and makes later start()s fail at once with ECANCELED (their
+    // `done` still runs on the loop, never inside start()). Final.
+    void shutdown();
 
     size_t active() const noexcept;
     UringLoop& loop() noexcept;

@@ -816,15 +816,22 @@ TEST_F(StoreTest, InterruptedTasksAfterReopen) {
     EXPECT_EQ((*interrupted)[1].id, queued);
 
     // Resume one, fail the rest.
-    ASSERT_TRUE(store_->requeue(running).ok());
+    const auto before = store_->get_task(running);
+    ASSERT_TRUE(before.ok());
+    const size_t items_before = store_->list_items(running, {})->items.size();
+    ASSERT_TRUE(store_->requeue(running, "resumed after an interrupted run").ok());
     auto requeued = store_->get_task(running);
     ASSERT_TRUE(requeued.ok());
     EXPECT_EQ(requeued->status, TaskStatus::queued);
-    EXPECT_EQ(requeued->counters.copied, 0u);
-    EXPECT_FALSE(requeued->started.has_value());
+    EXPECT_EQ(requeued->counters.copied, before->counters.copied);  // the log continues
+    EXPECT_EQ(requeued->started, before->started);
     EXPECT_NE(requeued->reason.find("resumed"), std::string::npos);
-    EXPECT_TRUE(store_->list_items(running, {})->items.empty());
-    EXPECT_TRUE(fails_with(store_->requeue(done), ErrorKind::conflict, "cannot be requeued"));
+    EXPECT_EQ(store_->list_items(running, {})->items.size(), items_before);
+    now_ += chr::seconds{1};
+    ASSERT_TRUE(store_->start_task(running).ok());
+    EXPECT_EQ(store_->get_task(running)->started, before->started);  // the first start counts
+    ASSERT_TRUE(store_->requeue(running, "resumed").ok());
+    EXPECT_TRUE(fails_with(store_->requeue(done, "resumed"), ErrorKind::conflict, "cannot be requeued"));
 
     now_ += chr::seconds{3};
     auto failed = store_->fail_interrupted("interrupted: the daemon stopped");

@@ -1,0 +1,665 @@
+#include "engine/daemon.h"
+
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/api.h"
+#include "engine/mirror.h"
+#include "netio/http_server.h"
+#include "netio/uring_loop.h"
+
+namespace engine {
+
+namespace {
+
+using json = nlohmann::json;
+using SteadyClock = std::chrono::steady_clock;
+
+constexpr const char* kVersion = "0.1.0";
+
+// "host[:port]" and scheme of a registry URL the store has checked ("scheme://host[:port]").
+struct Endpoint {
+    std::string scheme;
+    std::string host;
+};
+
+Endpoint endpoint_of(const std::string& url) {
+    const size_t sep = url.find("://");
+    if (sep == std::string::npos) return {"", url};
+    return {url.substr(0, sep), url.substr(sep + 3)};
+}
+
+// What the mirror reports, in the task log's terms.
+TaskItem to_task_item(const MirrorItem& m) {
+    TaskItem t;
+    t.repository = m.repository;
+    t.tag = m.tag;
+    t.digest = m.digest;
+    t.bytes = m.bytes;
+    t.duration_ms = m.duration_ms;
+    t.reason = m.reason;
+    if (m.action == "copied") {
+        t.action = ItemAction::copied;
+    } else if (m.action == "skipped" && m.reason == "same digest") {
+        t.action = ItemAction::skipped_same_digest;
+        t.reason.clear();
+    } else if (m.action == "skipped") {
+        t.action = ItemAction::skipped_exists;
+        if (m.reason == "exists") t.reason = "the target's tag holds other content and overwrite is off";
+        else if (m.reason == "vanished") t.reason = "the tag vanished from the source while the task ran";
+    } else {
+        t.action = ItemAction::failed;
+    }
+    return t;
+}
+
+// Everything a worker thread shares with the daemon's loop.
+struct Exchange {
+    std::mutex mu;
+    std::vector<MirrorItem> items;            // recorded, not yet in the store
+    std::optional<MirrorSummary> summary;     // set when the run is over
+};
+
+enum class StopWhy { none, cancel, shutdown };
+
+struct Running {
+    TaskRecord task;
+    int64_t rule_id = 0;
+    std::string link;  // "src-region->dst-region" when the link has a cap; "" otherwise
+    std::shared_ptr<MirrorOptions> opts;
+    std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
+    std::shared_ptr<MirrorProgress> progress = std::make_shared<MirrorProgress>();
+    std::shared_ptr<Exchange> exchange = std::make_shared<Exchange>();
+    std::thread thread;
+    StopWhy stop = StopWhy::none;
+    uint64_t repositories_stored = 0;
+    // A resumed task: (repository, tag) pairs its log already has. A new run finds them unchanged
+    // and would log them again as "skipped: same digest"; those are left out.
+    std::set<std::pair<std::string, std::string>> logged;
+};
+
+class Daemon {
+public:
+    explicit Daemon(const DaemonOptions& o) : o_(o) {}
+
+    int run();
+
+private:
+    void log(const std::string& line) {
+        if (!o_.log) return;
+        std::fprintf(o_.log, "%s crossdock: %s\n", format_time(now_ms()).c_str(), line.c_str());
+        std::fflush(o_.log);
+    }
+
+    bool start();
+    void recover();
+    void watch_signals();
+    void on_signal();
+    void tick();
+    void dispatch();
+    bool launch(int64_t task_id);
+    netio::Result<std::shared_ptr<MirrorOptions>> mirror_options(const Rule& rule, Running& r);
+    void pump();
+    void drain(Running& r);
+    void finish(Running& r, MirrorSummary& s);
+    void begin_shutdown();
+    netio::HttpResponse serve_tcp(const netio::HttpRequest& req);
+    std::string metrics();
+    json live_progress(int64_t task_id);
+
+    const DaemonOptions& o_;
+    netio::UringLoop loop_;
+    std::unique_ptr<Store> store_;
+    std::unique_ptr<ControlApi> api_;
+    std::unique_ptr<netio::HttpServer> unix_server_;
+    std::unique_ptr<netio::HttpServer> tcp_server_;
+    netio::UniqueFd signal_fd_;
+    std::deque<int64_t> queue_;
+    std::map<int64_t, std::unique_ptr<Running>> running_;
+    bool stopping_ = false;
+    SteadyClock::time_point stop_deadline_{};
+    SteadyClock::time_point next_prune_{};
+    // For /metrics, since the process started.
+    std::map<std::string, uint64_t> finished_by_status_;
+    std::map<std::string, uint64_t> artifacts_by_action_;
+    uint64_t bytes_copied_ = 0;
+    uint64_t tasks_started_ = 0;
+};
+
+int Daemon::run() {
+    if (!start()) return 1;
+    auto next_tick = SteadyClock::now();
+    for (;;) {
+        loop_.run_once(std::chrono::milliseconds(200));
+        pump();
+        if (stopping_) {
+            if (running_.empty() || SteadyClock::now() >= stop_deadline_) break;
+            continue;
+        }
+        if (SteadyClock::now() >= next_tick) {
+            tick();
+            next_tick = SteadyClock::now() + o_.tick;
+        }
+        dispatch();
+    }
+
+    // Tasks still running past the stop timeout: flush what they logged and checkpoint them too.
+    bool stragglers = false;
+    for (auto& [id, r] : running_) {
+        drain(*r);
+        if (auto st = store_->requeue(id, "checkpointed when the daemon stopped; resumes when it starts"); !st.ok())
+            log("task " + std::to_string(id) + ": cannot checkpoint: " + st.error().message);
+        log("task " + std::to_string(id) + " did not stop within the stop timeout; checkpointed");
+        stragglers = true;
+    }
+    unix_server_.reset();
+    tcp_server_.reset();
+    api_.reset();
+    store_.reset();  // closes the database and releases the state lock
+    log("stopped");
+    if (stragglers) {
+        // Worker threads still hold transfers; the state is saved and the cache keeps verified
+        // chunks only, so leaving without joining them is safe.
+        std::fflush(nullptr);
+        std::_Exit(0);
+    }
+    return 0;
+}
+
+bool Daemon::start() {
+    // Signals are read from a signalfd; block them before any thread starts so workers inherit it.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    sigset_t wanted = set;
+    sigdelset(&wanted, SIGPIPE);
+    signal_fd_ = netio::UniqueFd(::signalfd(-1, &wanted, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (signal_fd_.get() < 0) {
+        log(std::string("cannot read signals: ") + std::strerror(errno));
+        return false;
+    }
+
+    auto store = Store::open(o_.state_dir);
+    if (!store.ok()) {
+        log("cannot open the state in " + o_.state_dir + ": " + store.error().message);
+        return false;
+    }
+    store_ = std::move(store.value());
+
+    ControlApiOptions ao;
+    ao.version = kVersion;
+    ao.on_task_queued = [this](const TaskRecord& t) {
+        log("task " + std::to_string(t.id) + " queued (rule " + t.rule_name + ", " + std::string(to_string(t.trigger)) + ")");
+        queue_.push_back(t.id);
+    };
+    ao.on_cancel_requested = [this](int64_t id) {
+        if (auto it = running_.find(id); it != running_.end()) {
+            it->second->stop = StopWhy::cancel;
+            it->second->cancel->store(true);
+            log("task " + std::to_string(id) + ": stop requested");
+        }
+    };
+    ao.live_progress = [this](int64_t id) { return live_progress(id); };
+    ao.log = [this](std::string_view msg) { log(std::string(msg)); };
+    api_ = std::make_unique<ControlApi>(*store_, ao);
+
+    recover();
+    if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
+        log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
+    next_prune_ = SteadyClock::now() + std::chrono::hours(1);
+
+    netio::HttpServerOptions so;
+    so.log = [this](std::string_view msg) { log("control socket: " + std::string(msg)); };
+    if (o_.socket_group) {
+        const gid_t group = *o_.socket_group;
+        so.allow_peer = [group](const ucred& peer) {
+            if (peer.uid == 0 || peer.uid == ::geteuid() || peer.gid == group) return true;
+            return false;
+        };
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(std::filesystem::path(o_.socket_path).parent_path(), ec);
+    unix_server_ = std::make_unique<netio::HttpServer>(loop_, api_->handler(), so);
+    if (auto st = unix_server_->listen_unix(o_.socket_path, o_.socket_group ? 0660 : 0600, o_.socket_group); !st.ok()) {
+        log("cannot listen on " + o_.socket_path + ": " + st.error().message);
+        return false;
+    }
+    if (!o_.listen_host.empty()) {
+        netio::HttpServerOptions to;
+        to.max_body_bytes = 64 << 10;
+        to.log = [this](std::string_view msg) { log("http: " + std::string(msg)); };
+        tcp_server_ = std::make_unique<netio::HttpServer>(
+            loop_, netio::SyncHandler([this](netio::HttpRequest& req) { return serve_tcp(req); }), to);
+        if (auto st = tcp_server_->listen_tcp(o_.listen_host, o_.listen_port); !st.ok()) {
+            log("cannot listen on " + o_.listen_host + ":" + std::to_string(o_.listen_port) + ": " + st.error().message);
+            return false;
+        }
+    }
+    watch_signals();
+    std::string where = "control API on " + o_.socket_path;
+    if (tcp_server_) where += ", /healthz and /metrics on http://" + o_.listen_host + ":" + std::to_string(tcp_server_->tcp_port());
+    log("crossdock " + std::string(kVersion) + " serving; state in " + o_.state_dir + "; " + where);
+    return true;
+}
+
+// Tasks a previous process left Queued or InProgress: continued if their rule still exists,
+// failed as interrupted otherwise. Never lost.
+void Daemon::recover() {
+    auto left = store_->interrupted_tasks();
+    if (!left.ok()) {
+        log("cannot read interrupted tasks: " + left.error().message);
+        return;
+    }
+    for (const auto& t : left.value()) {
+        const bool rule_alive = t.rule_id && store_->get_rule(*t.rule_id).ok();
+        if (!rule_alive) {
+            (void)store_->finish_task(t.id, TaskStatus::failed, "interrupted: the daemon stopped and the rule is gone");
+            log("task " + std::to_string(t.id) + " failed: interrupted, and its rule is gone");
+            continue;
+        }
+        if (t.status == TaskStatus::in_progress) {
+            if (auto st = store_->requeue(t.id, "resumed after the daemon restarted"); !st.ok()) {
+                log("task " + std::to_string(t.id) + ": cannot resume: " + st.error().message);
+                continue;
+            }
+            log("task " + std::to_string(t.id) + " (rule " + t.rule_name + ") was interrupted; resuming it");
+        }
+        queue_.push_back(t.id);
+    }
+}
+
+void Daemon::watch_signals() {
+    loop_.poll_add(signal_fd_.get(), POLLIN, [this](int) { on_signal(); });
+}
+
+void Daemon::on_signal() {
+    signalfd_siginfo info{};
+    bool got = false;
+    while (::read(signal_fd_.get(), &info, sizeof info) == static_cast<ssize_t>(sizeof info)) got = true;
+    if (got && !stopping_) {
+        log(std::string("received ") + (info.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM") + "; stopping");
+        begin_shutdown();
+    }
+    watch_signals();
+}
+
+void Daemon::begin_shutdown() {
+    stopping_ = true;
+    stop_deadline_ = SteadyClock::now() + o_.stop_timeout;
+    if (unix_server_) unix_server_->stop();
+    if (tcp_server_) tcp_server_->stop();
+    for (auto& [id, r] : running_) {
+        r->stop = StopWhy::shutdown;
+        r->cancel->store(true);
+    }
+}
+
+// Schedules and retention.
+void Daemon::tick() {
+    const Time now = now_ms();
+    auto due = store_->due_rules(now);
+    if (!due.ok()) {
+        log("cannot read schedules: " + due.error().message);
+    } else {
+        for (const auto& d : due.value()) {
+            // A rule whose previous task is still queued or running does not pile up more.
+            bool busy = false;
+            for (auto& [id, r] : running_) busy = busy || r->rule_id == d.rule_id;
+            for (int64_t id : queue_) {
+                auto t = store_->get_task(id);
+                busy = busy || (t.ok() && t->rule_id == d.rule_id && t->status == TaskStatus::queued);
+            }
+            (void)store_->record_fire(d.rule_id, now);
+            if (busy) {
+                log("rule " + d.rule_name + ": schedule fired while its previous task is still pending; skipped");
+                continue;
+            }
+            auto t = store_->create_task(d.rule_id, Trigger::schedule);
+            if (!t.ok()) {
+                log("rule " + d.rule_name + ": cannot create the scheduled task: " + t.error().message);
+                continue;
+            }
+            log("task " + std::to_string(t->id) + " queued (rule " + d.rule_name + ", schedule)");
+            queue_.push_back(t->id);
+        }
+    }
+    if (SteadyClock::now() >= next_prune_) {
+        next_prune_ = SteadyClock::now() + std::chrono::hours(1);
+        if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
+            log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
+    }
+}
+
+// Starts queued tasks, oldest first, within the limits.
+void Daemon::dispatch() {
+    for (auto it = queue_.begin(); it != queue_.end() && running_.size() < o_.max_running_tasks;) {
+        auto t = store_->get_task(*it);
+        if (!t.ok() || t->status != TaskStatus::queued) {  // cancelled, or the rule was deleted
+            it = queue_.erase(it);
+            continue;
+        }
+        bool rule_busy = false;
+        for (auto& [id, r] : running_) rule_busy = rule_busy || (t->rule_id && r->rule_id == *t->rule_id);
+        if (rule_busy) {
+            ++it;
+            continue;
+        }
+        const int64_t id = *it;
+        it = queue_.erase(it);
+        launch(id);
+    }
+}
+
+netio::Result<std::shared_ptr<MirrorOptions>> Daemon::mirror_options(const Rule& rule, Running& r) {
+    auto src = store_->get_registry(rule.source_registry_id);
+    if (!src.ok()) return src.error();
+    auto dst = store_->get_registry(rule.target_registry_id);
+    if (!dst.ok()) return dst.error();
+    auto filters = compile_filters(rule.repo_filter, rule.tag_filter, std::string(to_string(rule.type)));
+    if (!filters.ok()) return filters.error();
+
+    auto o = std::make_shared<MirrorOptions>();
+    const Endpoint se = endpoint_of(src->url);
+    const Endpoint de = endpoint_of(dst->url);
+    o->source = RegistryRef{se.host, rule.source_namespace};
+    o->targets.push_back(RegistryRef{de.host, rule.effective_target_namespace()});
+    o->transports[se.host] = RegistryTransport{se.scheme, src->insecure, src->ca_file};
+    o->transports[de.host] = RegistryTransport{de.scheme, dst->insecure, dst->ca_file};
+    o->filters = filters.value();
+    o->overwrite = rule.overwrite;
+
+    auto source_creds = store_->credentials_for(src->id);
+    if (!source_creds.ok()) return source_creds.error();
+    if (!source_creds->empty()) o->source_credentials = source_creds.value();
+    auto target_creds = store_->rule_target_credentials(rule.id);
+    if (!target_creds.ok()) return target_creds.error();
+    if (target_creds->empty()) {
+        target_creds = store_->credentials_for(dst->id);
+        if (!target_creds.ok()) return target_creds.error();
+    }
+    if (!target_creds->empty()) o->target_credentials = target_creds.value();
+
+    o->jobs = o_.jobs;
+    o->streams = o_.streams;
+    o->chunk_size_bytes = o_.chunk_size_bytes;
+    o->cache_dir = (std::filesystem::path(o_.state_dir) / "cache").string();
+    o->cache_cap_bytes = o_.cache_cap_bytes;
+    o->log = nullptr;
+
+    // The link's cap, shared with the tasks already running on it.
+    if (!src->region.empty() && !dst->region.empty()) {
+        auto links = store_->list_links();
+        if (links.ok()) {
+            for (const auto& l : links.value()) {
+                if (l.source_region != src->region || l.target_region != dst->region) continue;
+                r.link = l.source_region + "->" + l.target_region;
+                size_t sharing = 1;
+                for (auto& [id, other] : running_) sharing += other->link == r.link ? 1 : 0;
+                o->bandwidth_bytes_per_s = static_cast<double>(l.rate_bytes_per_s) / static_cast<double>(sharing);
+            }
+        }
+    }
+    return o;
+}
+
+bool Daemon::launch(int64_t task_id) {
+    auto task = store_->get_task(task_id);
+    if (!task.ok()) return false;
+    auto fail = [&](const std::string& why) {
+        (void)store_->finish_task(task_id, TaskStatus::failed, why);
+        ++finished_by_status_["Failed"];
+        log("task " + std::to_string(task_id) + " failed: " + why);
+        return false;
+    };
+    if (!task->rule_id) return fail("its rule was deleted");
+    auto rule = store_->get_rule(*task->rule_id);
+    if (!rule.ok()) return fail("cannot read its rule: " + rule.error().message);
+
+    auto r = std::make_unique<Running>();
+    r->rule_id = rule->id;
+    auto opts = mirror_options(rule.value(), *r);
+    if (!opts.ok()) return fail(opts.error().message);
+    r->opts = opts.value();
+
+    // A resumed task: what its log already holds.
+    std::optional<int64_t> cursor;
+    for (int page = 0; page < 10000; ++page) {
+        ItemQuery q;
+        q.cursor = cursor;
+        q.limit = Store::kMaxPageSize;
+        auto items = store_->list_items(task_id, q);
+        if (!items.ok()) break;
+        for (const auto& it : items->items) r->logged.emplace(it.repository, it.tag);
+        if (!items->next_cursor) break;
+        cursor = items->next_cursor;
+    }
+
+    if (auto st = store_->start_task(task_id); !st.ok()) {
+        log("task " + std::to_string(task_id) + ": cannot start: " + st.error().message);
+        return false;
+    }
+    r->task = task.value();
+    if (auto started = store_->get_task(task_id); started.ok()) r->task = started.value();
+    r->opts->cancel = r->cancel;
+    r->opts->progress = r->progress;
+    r->opts->on_item = [ex = r->exchange, loop = &loop_](const MirrorItem& item) {
+        {
+            std::lock_guard lock(ex->mu);
+            ex->items.push_back(item);
+        }
+        loop->wake();
+    };
+    r->thread = std::thread([opts = r->opts, ex = r->exchange, loop = &loop_] {
+        MirrorSummary s;
+        try {
+            s = run_mirror(*opts);
+        } catch (const std::exception& e) {
+            s.errors.push_back(std::string("internal error: ") + e.what());
+        }
+        {
+            std::lock_guard lock(ex->mu);
+            ex->summary = std::move(s);
+        }
+        loop->wake();
+    });
+    ++tasks_started_;
+    log("task " + std::to_string(task_id) + " started (rule " + rule->name + ": " + r->opts->source.to_string() + " -> " +
+        r->opts->targets[0].to_string() + (r->logged.empty() ? "" : ", continuing its log") + ")");
+    running_.emplace(task_id, std::move(r));
+    return true;
+}
+
+// Moves what the workers reported into the store; finishes the tasks whose run is over.
+void Daemon::pump() {
+    for (auto it = running_.begin(); it != running_.end();) {
+        Running& r = *it->second;
+        drain(r);
+        std::optional<MirrorSummary> summary;
+        {
+            std::lock_guard lock(r.exchange->mu);
+            if (r.exchange->summary) summary = std::move(r.exchange->summary);
+        }
+        if (!summary) {
+            ++it;
+            continue;
+        }
+        r.thread.join();
+        drain(r);  // anything recorded between the last drain and the end
+        finish(r, *summary);
+        it = running_.erase(it);
+    }
+}
+
+void Daemon::drain(Running& r) {
+    std::vector<MirrorItem> got;
+    {
+        std::lock_guard lock(r.exchange->mu);
+        got.swap(r.exchange->items);
+    }
+    std::vector<TaskItem> items;
+    items.reserve(got.size());
+    for (const auto& m : got) {
+        TaskItem t = to_task_item(m);
+        if (t.action == ItemAction::skipped_same_digest && r.logged.count({t.repository, t.tag})) continue;
+        ++artifacts_by_action_[std::string(to_string(t.action))];
+        if (t.action == ItemAction::copied) bytes_copied_ += t.bytes;
+        items.push_back(std::move(t));
+    }
+    const int64_t id = r.task.id;
+    for (size_t i = 0; i < items.size(); i += Store::kMaxItemsPerAppend) {
+        std::vector<TaskItem> batch(items.begin() + static_cast<long>(i),
+                                    items.begin() + static_cast<long>(std::min(items.size(), i + Store::kMaxItemsPerAppend)));
+        if (auto st = store_->append_items(id, batch); !st.ok())
+            log("task " + std::to_string(id) + ": cannot write its log: " + st.error().message);
+    }
+    const uint64_t repos = r.progress->repositories.load();
+    if (repos != r.repositories_stored) {
+        (void)store_->set_task_repositories(id, repos);
+        r.repositories_stored = repos;
+    }
+}
+
+void Daemon::finish(Running& r, MirrorSummary& s) {
+    const int64_t id = r.task.id;
+    if (s.repositories != r.repositories_stored) (void)store_->set_task_repositories(id, s.repositories);
+    if (r.stop == StopWhy::shutdown) {
+        if (auto st = store_->requeue(id, "checkpointed when the daemon stopped; resumes when it starts"); !st.ok())
+            log("task " + std::to_string(id) + ": cannot checkpoint: " + st.error().message);
+        else
+            log("task " + std::to_string(id) + " checkpointed");
+        return;
+    }
+    auto rec = store_->get_task(id);
+    const TaskCounters c = rec.ok() ? rec->counters : TaskCounters{};
+    TaskStatus status = TaskStatus::succeeded;
+    std::string reason;
+    if (r.stop == StopWhy::cancel) {
+        status = TaskStatus::stopped;
+        const bool rule_gone = !store_->get_rule(r.rule_id).ok();
+        reason = rule_gone ? "stopped: its rule was deleted" : "stopped on request";
+    } else {
+        std::string errors;
+        for (const auto& e : s.errors) errors += (errors.empty() ? "" : "; ") + e;
+        const bool some_done = c.copied + c.skipped > 0;
+        if (!errors.empty() || c.failed > 0) {
+            status = some_done ? TaskStatus::partially_failed : TaskStatus::failed;
+            reason = errors;
+            if (c.failed > 0)
+                reason += (reason.empty() ? "" : "; ") + std::to_string(c.failed) + " artifact" + (c.failed == 1 ? "" : "s") +
+                          " failed (see the task log)";
+        }
+    }
+    if (auto st = store_->finish_task(id, status, reason); !st.ok())
+        log("task " + std::to_string(id) + ": cannot record its end: " + st.error().message);
+    ++finished_by_status_[std::string(to_string(status))];
+    log("task " + std::to_string(id) + " " + std::string(to_string(status)) + ": " + std::to_string(c.copied) + " copied, " +
+        std::to_string(c.skipped) + " skipped, " + std::to_string(c.failed) + " failed, " +
+        format_bytes(double(c.bytes)) + " in " + std::to_string(static_cast<long>(s.duration_s * 1000)) + " ms" +
+        (reason.empty() ? "" : "; " + reason));
+}
+
+json Daemon::live_progress(int64_t task_id) {
+    auto it = running_.find(task_id);
+    if (it == running_.end()) return nullptr;
+    const MirrorProgress& p = *it->second->progress;
+    return json{{"repositories", p.repositories.load()},
+                {"repositories_scanned", p.repositories_scanned.load()},
+                {"artifacts_done", p.artifacts_done.load()},
+                {"artifacts_in_progress", p.artifacts_in_progress.load()},
+                {"bytes_read", p.bytes_read.load()},
+                {"bytes_sent", p.bytes_sent.load()}};
+}
+
+netio::HttpResponse Daemon::serve_tcp(const netio::HttpRequest& req) {
+    if (req.method != "GET" && req.method != "HEAD") {
+        netio::HttpResponse r = netio::HttpResponse::json_error(405, "only GET and HEAD are served here");
+        r.headers.emplace_back("Allow", "GET, HEAD");
+        return r;
+    }
+    if (req.path == "/healthz") {
+        auto v = store_->schema_version();
+        netio::HttpResponse r;
+        r.status = v.ok() ? 200 : 503;
+        r.body = json{{"status", v.ok() ? "ok" : "unhealthy"},
+                      {"tasks_running", running_.size()},
+                      {"tasks_queued", queue_.size()}}
+                     .dump() +
+                 "\n";
+        return r;
+    }
+    if (req.path == "/metrics") {
+        netio::HttpResponse r;
+        r.headers.emplace_back("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+        r.body = metrics();
+        return r;
+    }
+    return netio::HttpResponse::json_error(404, "not found: " + req.path + " (this port serves /healthz and /metrics)");
+}
+
+std::string Daemon::metrics() {
+    std::string out;
+    auto family = [&](const char* name, const char* type, const char* help) {
+        out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
+    };
+    auto sample = [&](const std::string& name, uint64_t v) { out += name + " " + std::to_string(v) + "\n"; };
+    family("crossdock_build_info", "gauge", "Version of the running daemon.");
+    sample(std::string("crossdock_build_info{version=\"") + kVersion + "\"}", 1);
+    family("crossdock_tasks_running", "gauge", "Tasks running now.");
+    sample("crossdock_tasks_running", running_.size());
+    family("crossdock_tasks_queued", "gauge", "Tasks waiting to start.");
+    sample("crossdock_tasks_queued", queue_.size());
+    family("crossdock_tasks_started_total", "counter", "Task runs started since the daemon started.");
+    sample("crossdock_tasks_started_total", tasks_started_);
+    family("crossdock_tasks_finished_total", "counter", "Tasks finished since the daemon started, by status.");
+    for (const char* st : {"Succeeded", "PartiallyFailed", "Failed", "Stopped"}) {
+        auto it = finished_by_status_.find(st);
+        sample(std::string("crossdock_tasks_finished_total{status=\"") + st + "\"}", it == finished_by_status_.end() ? 0 : it->second);
+    }
+    family("crossdock_artifacts_total", "counter", "Artifacts logged by tasks since the daemon started, by action.");
+    for (const char* a : {"copied", "skipped: exists", "skipped: same digest", "failed"}) {
+        auto it = artifacts_by_action_.find(a);
+        sample(std::string("crossdock_artifacts_total{action=\"") + a + "\"}", it == artifacts_by_action_.end() ? 0 : it->second);
+    }
+    family("crossdock_bytes_copied_total", "counter", "Blob bytes uploaded by copied artifacts since the daemon started.");
+    sample("crossdock_bytes_copied_total", bytes_copied_);
+    uint64_t read = 0, sent = 0;
+    for (auto& [id, r] : running_) {
+        read += r->progress->bytes_read.load();
+        sent += r->progress->bytes_sent.load();
+    }
+    family("crossdock_running_bytes_read", "gauge", "Bytes read from sources by the running tasks so far.");
+    sample("crossdock_running_bytes_read", read);
+    family("crossdock_running_bytes_sent", "gauge", "Bytes sent to targets by the running tasks so far.");
+    sample("crossdock_running_bytes_sent", sent);
+    return out;
+}
+
+}  // namespace
+
+int run_daemon(const DaemonOptions& options) {
+    Daemon d(options);
+    return d.run();
+}
+
+}  // namespace engine
