@@ -657,6 +657,28 @@ TEST_F(HttpClientTest, CancelRightAfterStart) {
     EXPECT_EQ(calls, 1);
 }
 
+TEST_F(HttpClientTest, ShutdownCancelsEveryTransferAndRefusesNewOnes) {
+    std::vector<Result<Response>> outs;
+    for (int i = 0; i < 3; ++i)
+        client->start(get(server.url("/stall")), nullptr, [&](Result<Response> r) { outs.push_back(std::move(r)); });
+    run_for(loop, 50ms);
+    client->shutdown();
+    EXPECT_TRUE(outs.empty());  // done runs from the queue, not inside shutdown()
+    ASSERT_TRUE(run_until(loop, [&] { return outs.size() == 3; }, 5s));
+    for (const auto& r : outs) {
+        ASSERT_FALSE(r.ok());
+        EXPECT_EQ(r.error().code, std::make_error_code(std::errc::operation_canceled));
+    }
+    EXPECT_EQ(client->active(), 0u);
+    // A later start fails at once, from the queue.
+    std::optional<Result<Response>> late;
+    client->start(get(server.url("/bytes?n=10")), nullptr, [&](Result<Response> r) { late.emplace(std::move(r)); });
+    EXPECT_FALSE(late.has_value());
+    ASSERT_TRUE(run_until(loop, [&] { return late.has_value(); }, 5s));
+    ASSERT_FALSE(late->ok());
+    EXPECT_EQ(late->error().code, std::make_error_code(std::errc::operation_canceled));
+}
+
 TEST_F(HttpClientTest, CancelFromInsideTheSink) {
     VerifySink sink(2);
     TransferId id = 0;
