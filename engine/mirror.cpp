@@ -116,7 +116,8 @@ public:
           http_(loop_),
           list_sem_(loop_, std::max(1u, o.jobs)),
           tag_sem_(loop_, 4 * std::max(1u, o.jobs)),
-          blob_sem_(loop_, std::max(1u, o.jobs)) {}
+          blob_sem_(loop_, 2 * std::max(1u, o.jobs)),
+          fill_sem_(loop_, std::max(1u, o.jobs)) {}
 
     MirrorSummary run() {
         auto t0 = std::chrono::steady_clock::now();
@@ -274,7 +275,14 @@ private:
     }
 
     Task<void> main_task() {
-        source_ = std::make_unique<RegistryClient>(http_, registry_options(opts_.source.host, opts_.source_credentials));
+        RegistryOptions source_options = registry_options(opts_.source.host, opts_.source_credentials);
+        if (opts_.bandwidth_bytes_per_s > 0) {
+            // Receive buffers of ~0.1 s of the cap shared by the downloads, so that pausing a
+            // download stops the sender soon and the cap holds on the link, not just in our reads.
+            const double per_conn = opts_.bandwidth_bytes_per_s * 0.1 / std::max(1u, opts_.jobs);
+            source_options.socket_recv_buffer_bytes = static_cast<int>(std::clamp(per_conn, 64.0 * 1024, 4.0 * 1024 * 1024));
+        }
+        source_ = std::make_unique<RegistryClient>(http_, std::move(source_options));
         for (const auto& t : opts_.targets) {
             auto tg = std::make_unique<Target>();
             tg->ref = t;
@@ -661,6 +669,9 @@ private:
         RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
             return verdict_of(blob);
         };
+        // No upload session is opened before the download has brought its first bytes (a fill may
+        // be waiting for a download permit): registries time out request bodies that do not move.
+        co_await blob->available(1);
         const bool arriving = blob->state() == cas::BlobState::partial;
         auto st = co_await t.client->upload_blob(dst_repo, b.digest, b.size, body, ready, arriving);
         if (!st.ok()) {
@@ -701,6 +712,8 @@ private:
     }
 
     Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
+        co_await fill_sem_.acquire(b.size);  // smallest first, as the uploads
+        netio::Semaphore::Permit permit(&fill_sem_);
         FillOptions fo;
         fo.streams = opts_.streams;
         fo.range_threshold_bytes = opts_.range_threshold_bytes;
@@ -723,13 +736,17 @@ private:
     const MirrorOptions& opts_;
     netio::UringLoop loop_;
     netio::HttpClient http_;
-    // Three limits, so that waiting never holds a permit someone else's progress needs: listing
+    // Four limits, so that waiting never holds a permit someone else's progress needs: listing
     // requests; artifacts in flight (bounds memory: manifests and coroutine frames, and requests
-    // for manifests/HEADs); blob transfers (the bytes on the wire). An artifact waiting for another
-    // one's upload of a shared blob holds an artifact permit, never a blob one.
+    // for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the source (jobs).
+    // Uploads trail their downloads, so the extra blob permits let the next downloads start while
+    // the last ones' uploads finish: a capped or slow target never leaves the source idle. An
+    // artifact waiting for another one's upload of a shared blob holds an artifact permit, never a
+    // blob one; a download never waits for an upload.
     netio::Semaphore list_sem_;
     netio::Semaphore tag_sem_;
     netio::Semaphore blob_sem_;
+    netio::Semaphore fill_sem_;
     std::unique_ptr<RegistryClient> source_;
     std::vector<std::unique_ptr<Target>> targets_;
     std::unique_ptr<cas::BlobStore> cas_;

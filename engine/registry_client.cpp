@@ -94,6 +94,7 @@ netio::Request RegistryClient::make_request(std::string method, std::string u) c
     r.tls.verify = !opts_.insecure;
     r.tls.ca_file = opts_.ca_file;
     r.timeout_ms = opts_.request_timeout_ms;
+    r.socket_recv_buffer_bytes = opts_.socket_recv_buffer_bytes;
     r.headers.emplace_back("User-Agent", kUserAgent);
     return r;
 }

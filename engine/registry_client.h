@@ -44,6 +44,7 @@ struct RegistryOptions {
     uint64_t chunk_size_bytes = 64u << 20;   // PATCH chunk size for uploads above it
     unsigned max_connections = 64;           // requests in flight to this registry; 0 = no cap
     double max_requests_per_s = 0;           // request-rate budget; 0 = none until a 429 sets one
+    int socket_recv_buffer_bytes = 0;        // SO_RCVBUF of its connections (rate-capped downloads); 0 = default
 };
 
 struct ManifestHead {

@@ -1,5 +1,7 @@
 #include "netio/http_client.h"
 
+#include <sys/socket.h>
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -114,6 +116,7 @@ struct HttpClient::Impl {
         bool head_delivered = false;
         bool cancel_requested = false;
         bool removed = false;          // no longer in the multi handle
+        int recv_buffer_bytes = 0;     // SO_RCVBUF for connections it opens; 0 = default
         std::optional<Error> error;    // set by our callbacks (sink, source, body limit)
         char errbuf[CURL_ERROR_SIZE] = {};
 
@@ -149,6 +152,7 @@ struct HttpClient::Impl {
     static size_t on_body(char* p, size_t size, size_t n, void* ud) noexcept;
     static size_t on_upload(char* p, size_t size, size_t n, void* ud) noexcept;
     static int on_seek(void* ud, curl_off_t offset, int origin) noexcept;
+    static int on_sockopt(void* ud, curl_socket_t fd, curlsocktype purpose) noexcept;
 };
 
 HttpClient::Impl::~Impl() {
@@ -160,6 +164,13 @@ HttpClient::Impl::~Impl() {
     }
     transfers.clear();
     pool.clear();
+}
+
+int HttpClient::Impl::on_sockopt(void* ud, curl_socket_t fd, curlsocktype purpose) noexcept {
+    auto* t = static_cast<Transfer*>(ud);
+    if (purpose == CURLSOCKTYPE_IPCXN && t->recv_buffer_bytes > 0)
+        (void)::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &t->recv_buffer_bytes, sizeof t->recv_buffer_bytes);
+    return CURL_SOCKOPT_OK;
 }
 
 EasyPtr HttpClient::Impl::take_easy() {
@@ -207,6 +218,11 @@ std::optional<Error> HttpClient::Impl::configure(Transfer& t, Request& req) {
     set(CURLOPT_TCP_KEEPALIVE, 1L);
     set(CURLOPT_BUFFERSIZE, kRecvBufferBytes);
     set(CURLOPT_UPLOAD_BUFFERSIZE, kSendBufferBytes);
+    t.recv_buffer_bytes = req.socket_recv_buffer_bytes;
+    if (t.recv_buffer_bytes > 0) {
+        set(CURLOPT_SOCKOPTFUNCTION, &Impl::on_sockopt);
+        set(CURLOPT_SOCKOPTDATA, static_cast<void*>(&t));
+    }
 
     set(CURLOPT_HEADERFUNCTION, &Impl::on_header);
     set(CURLOPT_HEADERDATA, static_cast<void*>(&t));

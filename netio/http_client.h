@@ -118,6 +118,10 @@ struct Request {
     long low_speed_time_s = 60;       // abort when under 1 byte/s for this long; 0 = off
     TlsOptions tls;
     size_t max_body_bytes = 32u << 20;  // when collecting into Response::body
+    // SO_RCVBUF of a connection this request opens (0 = the kernel's autotuning). A small buffer
+    // makes a paused receiver stop the sender within a round trip: rate caps applied by pausing
+    // then hold on the wire, not only in what the application reads.
+    int socket_recv_buffer_bytes = 0;
 };
 
 struct Response {
