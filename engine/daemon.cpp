@@ -47,6 +47,23 @@ Endpoint endpoint_of(const std::string& url) {
     return {url.substr(0, sep), url.substr(sep + 3)};
 }
 
+// A task's weight on a shared link: event-triggered work first, a manual run next, scheduled scans
+// last, none starved (planner/link_shares.h).
+unsigned weight_of(Trigger t) {
+    switch (t) {
+    case Trigger::event: return 8;
+    case Trigger::manual: return 2;
+    case Trigger::schedule: return 1;
+    }
+    return 1;
+}
+
+// One capped link's shares: downloads from the source side and uploads to the target side.
+struct SharedLink {
+    std::shared_ptr<planner::LinkShares> down;
+    std::shared_ptr<planner::LinkShares> up;
+};
+
 // What the mirror reports, in the task log's terms.
 TaskItem to_task_item(const MirrorItem& m) {
     TaskItem t;
@@ -124,6 +141,7 @@ private:
     netio::HttpResponse serve_tcp(const netio::HttpRequest& req);
     std::string metrics();
     json live_progress(int64_t task_id);
+    SharedLink& shared_link(const std::string& key, const Link& l);
 
     const DaemonOptions& o_;
     netio::UringLoop loop_;
@@ -134,6 +152,7 @@ private:
     netio::UniqueFd signal_fd_;
     std::deque<int64_t> queue_;
     std::map<int64_t, std::unique_ptr<Running>> running_;
+    std::map<std::string, SharedLink> links_;  // by "src-region->dst-region"
     bool stopping_ = false;
     SteadyClock::time_point stop_deadline_{};
     SteadyClock::time_point next_prune_{};
@@ -407,16 +426,21 @@ netio::Result<std::shared_ptr<MirrorOptions>> Daemon::mirror_options(const Rule&
     o->cache_cap_bytes = o_.cache_cap_bytes;
     o->log = nullptr;
 
-    // The link's cap, shared with the tasks already running on it.
+    // The link's cap holds for every task on the link together, split by the tasks' weights.
     if (!src->region.empty() && !dst->region.empty()) {
         auto links = store_->list_links();
         if (links.ok()) {
             for (const auto& l : links.value()) {
                 if (l.source_region != src->region || l.target_region != dst->region) continue;
                 r.link = l.source_region + "->" + l.target_region;
-                size_t sharing = 1;
-                for (auto& [id, other] : running_) sharing += other->link == r.link ? 1 : 0;
-                o->bandwidth_bytes_per_s = static_cast<double>(l.rate_bytes_per_s) / static_cast<double>(sharing);
+                SharedLink& shared = shared_link(r.link, l);
+                const unsigned weight = weight_of(r.task.trigger);
+                const auto now = planner::Clock::now();
+                shared.down->join(r.task.id, weight, now);
+                shared.up->join(r.task.id, weight, now);
+                o->shared_source = shared.down;
+                o->shared_target = shared.up;
+                o->shared_member = static_cast<uint64_t>(r.task.id);
             }
         }
     }
@@ -438,6 +462,7 @@ bool Daemon::launch(int64_t task_id) {
 
     auto r = std::make_unique<Running>();
     r->rule_id = rule->id;
+    r->task = task.value();
     auto opts = mirror_options(rule.value(), *r);
     if (!opts.ok()) return fail(opts.error().message);
     r->opts = opts.value();
@@ -459,7 +484,6 @@ bool Daemon::launch(int64_t task_id) {
         log("task " + std::to_string(task_id) + ": cannot start: " + st.error().message);
         return false;
     }
-    r->task = task.value();
     if (auto started = store_->get_task(task_id); started.ok()) r->task = started.value();
     r->opts->cancel = r->cancel;
     r->opts->progress = r->progress;
@@ -507,6 +531,10 @@ void Daemon::pump() {
         r.thread.join();
         drain(r);  // anything recorded between the last drain and the end
         finish(r, *summary);
+        if (auto l = links_.find(r.link); l != links_.end()) {
+            l->second.down->leave(static_cast<uint64_t>(r.task.id));
+            l->second.up->leave(static_cast<uint64_t>(r.task.id));
+        }
         it = running_.erase(it);
     }
 }
@@ -577,6 +605,21 @@ void Daemon::finish(Running& r, MirrorSummary& s) {
         std::to_string(c.skipped) + " skipped, " + std::to_string(c.failed) + " failed, " +
         format_bytes(double(c.bytes)) + " in " + std::to_string(static_cast<long>(s.duration_s * 1000)) + " ms" +
         (reason.empty() ? "" : "; " + reason));
+}
+
+SharedLink& Daemon::shared_link(const std::string& key, const Link& l) {
+    const auto now = planner::Clock::now();
+    const double rate = static_cast<double>(l.rate_bytes_per_s);
+    auto it = links_.find(key);
+    if (it == links_.end()) {
+        SharedLink fresh{std::make_shared<planner::LinkShares>(rate, l.burst_bytes, now),
+                         std::make_shared<planner::LinkShares>(rate, l.burst_bytes, now)};
+        it = links_.emplace(key, std::move(fresh)).first;
+    } else if (it->second.down->rate_bytes_per_s() != rate) {  // the cap was changed
+        it->second.down->set_rate(rate, l.burst_bytes, now);
+        it->second.up->set_rate(rate, l.burst_bytes, now);
+    }
+    return it->second;
 }
 
 json Daemon::live_progress(int64_t task_id) {

@@ -15,8 +15,10 @@
 // so the next start continues them. A task left InProgress by a process that died (kill -9, power
 // loss) is resumed the same way on start; one whose rule is gone is failed as "interrupted".
 //
-// Link caps: a task on a link with a cap (source registry's region -> target registry's region)
-// gets the cap divided by the number of tasks running on that link when it starts.
+// Link caps: a cap set for a link (source registry's region -> target registry's region) holds for
+// all the tasks running on that link together, downloads and uploads each, and is split between
+// them by weight (event 8, manual 2, schedule 1; planner/link_shares.h); a task that stops using
+// the link leaves its share to the others.
 //
 // Threading: run_daemon() runs on the calling thread until a stop signal; it blocks SIGTERM, SIGINT
 // and SIGPIPE in the calling thread (and so in the workers it starts) and reads them from a signalfd.

@@ -276,10 +276,14 @@ private:
 
     Task<void> main_task() {
         RegistryOptions source_options = registry_options(opts_.source.host, opts_.source_credentials);
-        if (opts_.bandwidth_bytes_per_s > 0) {
+        // The tighter of the run's own cap and the shared link's.
+        double source_cap = opts_.bandwidth_bytes_per_s;
+        if (const double shared = opts_.shared_source ? opts_.shared_source->rate_bytes_per_s() : 0.0; shared > 0)
+            source_cap = source_cap > 0 ? std::min(source_cap, shared) : shared;
+        if (source_cap > 0) {
             // Receive buffers of ~0.1 s of the cap shared by the downloads, so that pausing a
             // download stops the sender soon and the cap holds on the link, not just in our reads.
-            const double per_conn = opts_.bandwidth_bytes_per_s * 0.1 / std::max(1u, opts_.jobs);
+            const double per_conn = source_cap * 0.1 / std::max(1u, opts_.jobs);
             source_options.socket_recv_buffer_bytes = static_cast<int>(std::clamp(per_conn, 64.0 * 1024, 4.0 * 1024 * 1024));
         }
         source_ = std::make_unique<RegistryClient>(http_, std::move(source_options));
@@ -339,16 +343,19 @@ private:
     // at --bandwidth; with --streams auto, a tuner sampled once a second sets the download streams.
     void setup_planner() {
         const auto now = planner::Clock::now();
-        if (opts_.bandwidth_bytes_per_s > 0) {
+        const bool capped = opts_.bandwidth_bytes_per_s > 0;
+        if (capped) {
             // Burst: 50 ms worth, at least 256 KiB, so pauses are short and the average exact.
             const auto burst = std::max<uint64_t>(256u << 10, static_cast<uint64_t>(opts_.bandwidth_bytes_per_s / 20));
             limiter_.set_link("source", opts_.bandwidth_bytes_per_s, burst, now);
-            source_throttle_ = std::make_unique<Throttle>(loop_, limiter_, "source");
-            for (auto& t : targets_) {
-                limiter_.set_link("target:" + t->label, opts_.bandwidth_bytes_per_s, burst, now);
-                t->throttle = std::make_shared<Throttle>(loop_, limiter_, "target:" + t->label);
-            }
+            for (auto& t : targets_) limiter_.set_link("target:" + t->label, opts_.bandwidth_bytes_per_s, burst, now);
         }
+        if (capped || opts_.shared_source)
+            source_throttle_ = std::make_unique<Throttle>(loop_, limiter_, "source", opts_.shared_source, opts_.shared_member);
+        if (capped || opts_.shared_target)
+            for (auto& t : targets_)
+                t->throttle = std::make_shared<Throttle>(loop_, limiter_, "target:" + t->label, opts_.shared_target,
+                                                         opts_.shared_member);
         if (opts_.streams_auto) {
             tuner_ = std::make_unique<planner::StreamTuner>(1, 32);
             tuner_last_bytes_ = live_read_;

@@ -24,6 +24,7 @@
 #include "engine/auth_parse.h"
 #include "engine/reference.h"
 #include "netio/result.h"
+#include "planner/link_shares.h"
 
 namespace engine {
 
@@ -91,6 +92,11 @@ struct MirrorOptions {
     std::function<void(const MirrorItem&)> on_item;
     std::shared_ptr<const std::atomic<bool>> cancel;
     std::shared_ptr<MirrorProgress> progress;
+    // A link cap shared with other runs (the daemon's tasks on the same link): downloads answer to
+    // `shared_source`, uploads to `shared_target`, as member `shared_member` (see planner/link_shares.h).
+    std::shared_ptr<planner::LinkShares> shared_source;
+    std::shared_ptr<planner::LinkShares> shared_target;
+    uint64_t shared_member = 0;
 };
 
 struct MirrorItem {
