@@ -499,7 +499,7 @@ class WanBench:
             target.stop()
 
 
-def recommended_args(rec, default_jobs=8):
+def recommended_args(rec, default_jobs=16):
     """mirror flags from bench-link's "recommended" block: --streams, --chunk-size, and --jobs
     at least the parallel uploads it found necessary (put_streams; it prints that as the --jobs
     hint, not as a flag).  Its --bandwidth (90% of the measured capacity) is a cap for sharing the

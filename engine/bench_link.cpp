@@ -741,7 +741,7 @@ LinkRecommendation recommend_link_settings(const BenchLinkReport& r) {
     for (const auto& g : r.get)
         if (g.streams == 1) one_stream = g.mib_per_s();
     const double connections = one_stream > 0 ? std::ceil(rec.best_get_mib_per_s / one_stream) : 4.0;
-    rec.jobs = static_cast<unsigned>(std::clamp(2.0 * connections, 8.0, 64.0));
+    rec.jobs = static_cast<unsigned>(std::clamp(2.0 * connections, 16.0, 64.0));
 
     // Chunk sizes are compared where all of them really were chunked: at the stream counts whose
     // uploads are larger than every chunk size measured. Without such a count, each series is

@@ -44,7 +44,7 @@ struct DaemonOptions {
     uint16_t listen_port = 0;
     unsigned max_running_tasks = 2;
     // Per task, as `crossdock mirror` takes them.
-    unsigned jobs = 8;
+    unsigned jobs = 16;
     unsigned streams = 4;
     uint64_t chunk_size_bytes = 64u << 20;
     uint64_t cache_cap_bytes = 16ull << 30;

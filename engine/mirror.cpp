@@ -357,7 +357,11 @@ private:
                 t->throttle = std::make_shared<Throttle>(loop_, limiter_, "target:" + t->label, opts_.shared_target,
                                                          opts_.shared_member);
         if (opts_.streams_auto) {
-            tuner_ = std::make_unique<planner::StreamTuner>(1, 32);
+            // Sampled every 250 ms: a step (1 warm-up + 3 samples) takes about a second, so the
+            // ramp reaches a WAN link's plateau while the first large blobs are still arriving.
+            planner::StreamTunerConfig tc;
+            tc.start_streams = std::max(2u, opts_.streams);
+            tuner_ = std::make_unique<planner::StreamTuner>(1, 64, tc);
             tuner_last_bytes_ = live_read_;
             tuner_last_time_ = now;
             schedule_tuner();
@@ -365,12 +369,12 @@ private:
     }
 
     void schedule_tuner() {
-        tuner_timer_ = loop_.add_timer(std::chrono::milliseconds(1000), [this] {
+        tuner_timer_ = loop_.add_timer(std::chrono::milliseconds(250), [this] {
             if (progress_stop_ || !tuner_) return;
             const auto now = planner::Clock::now();
             const double secs = std::chrono::duration<double>(now - tuner_last_time_).count();
             // Only intervals with downloads running say anything about the link.
-            if (fills_.count() > 0 && secs > 0)
+            if (fills_active_ > 0 && secs > 0)
                 tuner_->on_sample(static_cast<double>(live_read_ - tuner_last_bytes_) / secs, now);
             tuner_last_bytes_ = live_read_;
             tuner_last_time_ = now;
@@ -378,11 +382,11 @@ private:
         });
     }
 
-    // Streams one blob's download should use now: the link's tuned total shared by the blobs
-    // being fetched.
+    // Streams one large blob's download should use now: the link's tuned total shared by the large
+    // blobs being fetched (smaller ones take one stream each).
     unsigned streams_for_blob() const {
         if (!tuner_) return opts_.streams;
-        const size_t fetching = std::max<size_t>(1, fills_.count());
+        const size_t fetching = std::max<size_t>(1, large_fills_active_);
         return std::max(1u, static_cast<unsigned>(tuner_->streams() / fetching));
     }
 
@@ -721,6 +725,17 @@ private:
     Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
         co_await fill_sem_.acquire(b.size);  // smallest first, as the uploads
         netio::Semaphore::Permit permit(&fill_sem_);
+        const bool large = b.size >= opts_.range_threshold_bytes;
+        ++fills_active_;
+        if (large) ++large_fills_active_;
+        struct Active {
+            Mirror& m;
+            bool large;
+            ~Active() {
+                --m.fills_active_;
+                if (large) --m.large_fills_active_;
+            }
+        } active{*this, large};
         FillOptions fo;
         fo.streams = opts_.streams;
         fo.range_threshold_bytes = opts_.range_threshold_bytes;
@@ -760,6 +775,8 @@ private:
     std::string cache_dir_;
     bool remove_cache_dir_ = false;
     netio::WaitGroup fills_{loop_};
+    size_t fills_active_ = 0;        // downloads holding a permit
+    size_t large_fills_active_ = 0;  // of which ranged (at least range_threshold_bytes)
     std::map<std::string, netio::Error> failed_blobs_;  // digest -> why its download failed
     std::set<std::string> fetched_this_run_;
     MirrorSummary summary_;

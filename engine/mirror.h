@@ -72,7 +72,7 @@ struct MirrorOptions {
     std::optional<Credentials> source_credentials;  // from flags; else looked up in auth files
     std::optional<Credentials> target_credentials;
     std::vector<std::string> auth_files;            // docker config.json / auth.json, in order
-    unsigned jobs = 8;
+    unsigned jobs = 16;
     bool fail_fast = false;
     std::string cache_dir;                          // the blob cache (kept); empty: a temporary one
     uint64_t cache_cap_bytes = 16ull << 30;         // least recently used unpinned blobs evicted above

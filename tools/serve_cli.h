@@ -22,7 +22,7 @@ namespace serve_cli {
 
 struct Args {
     std::string state_dir, socket_path, listen, socket_group;
-    unsigned max_tasks = 2, jobs = 8, streams = 4, retention_days = 30, keep_tasks = 1000, stop_timeout_s = 10;
+    unsigned max_tasks = 2, jobs = 16, streams = 4, retention_days = 30, keep_tasks = 1000, stop_timeout_s = 10;
     uint64_t chunk_mib = 64, cache_cap_gib = 16;
 };
 

@@ -176,7 +176,7 @@ class ReportTest(BenchLinkTestCase):
         self.assertIsNotNone(m, run.describe())
         command = m.group(1)
         self.assertRegex(command, rf"^crossdock mirror {re.escape(src_ref)} {re.escape(dst_ref)} --insecure "
-                                  r"--streams [12] --jobs ([89]|[1-5]\d|6[0-4]) --chunk-size 5$")
+                                  r"--streams [12] --jobs (1[6-9]|[2-5]\d|6[0-4]) --chunk-size 5$")
         self.assertRegex(out, r"--bandwidth [1-9]\d*MiB/s +to share the link")
         self.assertRegex(out, r"cleanup: (\d+) of \1 blob\(s\) bench-link uploaded deleted\n")
 
