@@ -14,6 +14,8 @@
 #include "engine/reference.h"
 #include "planner/token_bucket.h"
 #include "tools/bench_link_cli.h"
+#include "tools/client_cli.h"
+#include "tools/serve_cli.h"
 
 namespace {
 
@@ -32,7 +34,7 @@ struct MirrorArgs {
     std::string repo_regex, tag_regex, type = "all", target_namespace, ca_file, src_creds, dest_creds, authfile,
         cache_dir;
     bool overwrite = false, dry_run = false, insecure = false, json = false, fail_fast = false, quiet = false;
-    unsigned jobs = 8;
+    unsigned jobs = 16;
     std::string streams = "4";
     std::string bandwidth;
     uint64_t chunk_mib = 64;
@@ -149,6 +151,8 @@ int main(int argc, char** argv) {
     mirror->add_flag("--quiet,-q", m.quiet, "no progress or log lines");
 
     add_bench_link_command(app);
+    auto client = add_client_commands(app);
+    add_serve_command(app);
 
     try {
         app.parse(argc, argv);
@@ -162,6 +166,7 @@ int main(int argc, char** argv) {
     }
     try {
         if (mirror->parsed()) return run_mirror(m, tns->count() > 0);
+        if (auto rc = client.run()) return *rc;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "crossdock: %s\n", e.what());
         return kExitFailed;

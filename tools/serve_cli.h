@@ -34,7 +34,11 @@ inline int usage(const std::string& msg) {
 inline int run(const Args& a) {
     engine::DaemonOptions o;
     o.state_dir = a.state_dir;
-    o.socket_path = a.socket_path.empty() ? a.state_dir + "/crossdock.sock" : a.socket_path;
+    o.socket_path = a.socket_path;
+    if (o.socket_path.empty()) {
+        const char* env = std::getenv("CROSSDOCK_SOCKET");
+        o.socket_path = env && *env ? env : "/run/crossdock/crossdock.sock";
+    }
     if (!a.socket_group.empty()) {
         const group* g = ::getgrnam(a.socket_group.c_str());
         if (!g) return usage("--socket-group '" + a.socket_group + "': no such group");
@@ -69,7 +73,8 @@ inline void add_serve_command(CLI::App& app) {
     auto a = std::make_shared<serve_cli::Args>();
     auto* sub = app.add_subcommand("serve", "Run the sidecar daemon: control API on a Unix socket, rules, schedules and tasks");
     sub->add_option("--state", a->state_dir, "directory for the state database and the blob cache (created 0700)")->required();
-    sub->add_option("--socket", a->socket_path, "Unix socket of the control API (default: STATE/crossdock.sock)");
+    sub->add_option("--socket", a->socket_path,
+                    "Unix socket of the control API (default: $CROSSDOCK_SOCKET, else /run/crossdock/crossdock.sock)");
     sub->add_option("--socket-group", a->socket_group, "make the socket 0660 and owned by GROUP, whose members may use it");
     sub->add_option("--listen", a->listen, "HOST:PORT serving /healthz and /metrics over HTTP (e.g. 127.0.0.1:9480)");
     sub->add_option("--max-tasks", a->max_tasks, "tasks running at once")->check(CLI::Range(1u, 64u))->capture_default_str();
