@@ -61,6 +61,8 @@ struct ControlApiOptions {
     // Hooks for the daemon, called after the store has committed (exceptions are caught).
     std::function<void(const TaskRecord&)> on_task_queued;   // a manual trigger created a task
     std::function<void(int64_t task_id)> on_cancel_requested;  // an InProgress task must stop
+    // GET /v1/replications/{ref}/status: the daemon's per-replica status of the group (501 if unset).
+    std::function<nlohmann::json(const ReplicationGroup&)> group_status;
     // Live figures of a running task, written as its "progress" member (an object; null = none).
     std::function<nlohmann::json(int64_t task_id)> live_progress;
     // Where unexpected errors are reported (500s). Default: nowhere.

@@ -144,6 +144,11 @@ struct Registry {
     // removes it). On output from the store: always nullopt.
     std::optional<Credentials> credentials;
     bool has_credentials = false;  // output only
+    // Write-only, as credentials: the shared secret a webhook from this registry must carry in its
+    // Authorization header (the value itself, or "Bearer <secret>"). nullopt = keep; "" removes.
+    // JSON "webhook_secret" in, "has_webhook_secret" out. At most kMaxSecretLength.
+    std::optional<std::string> webhook_secret;
+    bool has_webhook_secret = false;  // output only
     Time created{};
     Time updated{};
 };
@@ -166,6 +171,11 @@ Checked<Link> check(Link l);
 // ---------------------------------------------------------------------------------------------
 // Rules
 
+// When a rule's notify_urls are called: "always" (every end), "failure" (Failed, PartiallyFailed),
+// "success" (Succeeded). Stopped tasks notify only with "always".
+enum class NotifyOn { always, failure, success };
+inline constexpr size_t kMaxNotifyUrls = 10;
+
 struct Rule {
     int64_t id = 0;  // assigned by the store
     std::string name;
@@ -183,6 +193,14 @@ struct Rule {
     bool overwrite = false;
     bool enabled = true;
     std::string schedule;  // see Schedule
+    // Sync on push: the source registry's webhook events (engine/events.h) trigger `event` tasks
+    // for the pushed artifacts. Such a rule also reconciles periodically (a full scan): on its
+    // schedule, or every `serve --reconcile-interval` when it has none.
+    bool sync_on_push = false;
+    // Notifications out: each URL (http or https, at most kMaxNotifyUrls) is POSTed a JSON summary
+    // when a task of the rule ends, per notify_on.
+    std::vector<std::string> notify_urls;
+    NotifyOn notify_on = NotifyOn::always;
     // Output only, filled by the store.
     int64_t source_registry_id = 0;
     int64_t target_registry_id = 0;
@@ -227,10 +245,22 @@ struct TaskCounters {
     uint64_t bytes = 0;    // bytes moved by copied artifacts
 };
 
+// One artifact an event-triggered task is limited to: a repository path in the source registry
+// (full path, as the event named it) and a tag ("" = the digest only).
+struct TaskScope {
+    std::string repository;
+    std::string tag;
+    std::string digest;
+    bool remove = false;  // replicate a delete (replication groups with replicate_deletes)
+};
+
 struct TaskRecord {
     int64_t id = 0;
-    std::optional<int64_t> rule_id;  // nullopt once the rule is deleted
-    std::string rule_name;           // as it was when the task was created
+    std::optional<int64_t> rule_id;  // nullopt once the rule is deleted (and for group tasks)
+    std::string rule_name;           // as it was when the task was created ("" for group tasks)
+    std::optional<int64_t> group_id;  // a replication group's task; nullopt once the group is deleted
+    std::string group_name;           // as it was when the task was created ("" for rule tasks)
+    std::vector<TaskScope> scope;     // empty: a full scan; else only these artifacts
     Trigger trigger = Trigger::manual;
     TaskStatus status = TaskStatus::queued;
     std::string reason;  // why it failed or stopped; "" otherwise
@@ -250,6 +280,7 @@ struct TaskRecord {
 struct TaskItem {
     int64_t id = 0;  // assigned by the store; items of a task list in id order
     int64_t task_id = 0;
+    std::string target;  // the target registry's name (a group task has one per replica)
     std::string repository;
     std::string tag;
     std::string digest;
@@ -262,7 +293,65 @@ struct TaskItem {
 // ---------------------------------------------------------------------------------------------
 // JSON for the control API
 
+std::string_view to_string(NotifyOn n) noexcept;
+std::optional<NotifyOn> parse_notify_on(std::string_view s) noexcept;
+
+// ---------------------------------------------------------------------------------------------
+// Replication groups: push once to the primary, pull in every region. All repositories, all tags,
+// overwrite on; triggered by the primary's events and reconciled on `schedule` (default "1h").
+
+struct ReplicationGroup {
+    int64_t id = 0;
+    std::string name;                   // same grammar as rule names; unique among groups
+    std::string primary;                // registry name
+    std::vector<std::string> replicas;  // registry names, 1..kMaxReplicas, distinct, not the primary
+    bool replicate_deletes = false;     // a tag deleted on the primary is deleted on the replicas
+    bool enabled = true;
+    std::string schedule = "1h";        // the reconcile scan; see Schedule ("" = events only)
+    // Output only.
+    int64_t primary_id = 0;
+    std::vector<int64_t> replica_ids;
+    std::optional<Time> next_fire;
+    Time created{};
+    Time updated{};
+};
+inline constexpr size_t kMaxReplicas = 16;
+
+Checked<ReplicationGroup> check(ReplicationGroup g);
+
+// ---------------------------------------------------------------------------------------------
+// Webhook deliveries (notifications out) and stored events (webhooks in)
+
+struct Delivery {
+    int64_t id = 0;
+    int64_t task_id = 0;
+    std::string url;
+    std::string status = "pending";  // pending | delivered | failed
+    uint32_t attempts = 0;
+    std::string last_error;          // "" or why the last attempt failed ("HTTP 500", "connection refused", ...)
+    int last_status = 0;             // HTTP status of the last attempt, 0 if none
+    Time created{};
+    std::optional<Time> finished;    // delivered or given up
+};
+
+struct StoredEvent {
+    int64_t id = 0;
+    int64_t registry_id = 0;
+    std::string registry_name;
+    std::string event_id;     // the sender's id (de-duplication key with registry_id)
+    bool remove = false;      // a delete; else a push
+    std::string repository;
+    std::string tag;
+    std::string digest;
+    Time received{};
+    bool processed = false;
+    std::vector<int64_t> task_ids;  // tasks it triggered (output only)
+};
+
 // Output. None of these writes a credential.
+nlohmann::json to_json(const ReplicationGroup& g);
+nlohmann::json to_json(const Delivery& d);
+nlohmann::json to_json(const StoredEvent& e);
 nlohmann::json to_json(const Registry& r);
 nlohmann::json to_json(const Link& l);
 nlohmann::json to_json(const Rule& r);
@@ -277,6 +366,9 @@ nlohmann::json to_json(const TaskItem& i);
 Checked<Registry> registry_from_json(const nlohmann::json& body);
 Checked<Link> link_from_json(const nlohmann::json& body);
 Checked<Rule> rule_from_json(const nlohmann::json& body);
+// "name", "primary", "replicas", "replicate_deletes", "enabled", "schedule".
+Checked<ReplicationGroup> group_from_json(const nlohmann::json& body);
+Checked<ReplicationGroup> patch_group(const ReplicationGroup& current, const nlohmann::json& patch);
 // PATCH: only the fields present in `patch` change; the result is checked again as a whole.
 // `current` is as the store returned it (credentials nullopt = unchanged unless the patch has them).
 Checked<Registry> patch_registry(const Registry& current, const nlohmann::json& patch);

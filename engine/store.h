@@ -36,6 +36,7 @@
 #include <system_error>
 #include <vector>
 
+#include "engine/events.h"
 #include "engine/rules.h"
 #include "netio/result.h"
 #include "netio/unique_fd.h"
@@ -61,6 +62,7 @@ ErrorKind kind_of(const netio::Error& e) noexcept;
 // Task listing: newest first. Filters combine with AND; unset = any.
 struct TaskQuery {
     std::optional<int64_t> rule_id;
+    std::optional<int64_t> group_id;
     std::optional<TaskStatus> status;
     std::optional<Time> created_from;  // inclusive
     std::optional<Time> created_to;    // exclusive
@@ -137,6 +139,8 @@ public:
     netio::Status remove_registry(int64_t id);
     // The stored credentials (empty if none). Never log or return them to an API client.
     netio::Result<Credentials> credentials_for(int64_t registry_id);
+    // The registry's webhook secret ("" if none). Never log or return it to an API client.
+    netio::Result<std::string> webhook_secret_for(int64_t registry_id);
 
     // Links between regions: set inserts or replaces the pair's caps.
     netio::Result<Link> set_link(const Link& l);
@@ -160,6 +164,10 @@ public:
     // Transitions: Queued -> InProgress (start_task) -> terminal (finish_task); Queued -> terminal
     // too. Any other transition is a conflict.
     netio::Result<TaskRecord> create_task(int64_t rule_id, Trigger trigger);
+    // An event-triggered task limited to `scope` (empty scope = a full scan, as above).
+    netio::Result<TaskRecord> create_task(int64_t rule_id, Trigger trigger, const std::vector<TaskScope>& scope);
+    // A replication group's task (rule_id unset, group_id/group_name set).
+    netio::Result<TaskRecord> create_group_task(int64_t group_id, Trigger trigger, const std::vector<TaskScope>& scope);
     netio::Status start_task(int64_t task_id);
     netio::Status set_task_repositories(int64_t task_id, uint64_t repositories);
     netio::Status finish_task(int64_t task_id, TaskStatus status, std::string_view reason);
@@ -176,6 +184,42 @@ public:
     // Only a Queued or InProgress task takes items (conflict otherwise).
     netio::Status append_items(int64_t task_id, const std::vector<TaskItem>& items);
     netio::Result<ItemPage> list_items(int64_t task_id, const ItemQuery& q);
+
+    // Replication groups. Registries are given by name and must exist (invalid, field named);
+    // names are unique among groups (conflict). A registry used by a group cannot be removed
+    // (remove_registry: conflict naming the group). Deleting a group: as delete_rule for its tasks.
+    netio::Result<ReplicationGroup> create_group(const ReplicationGroup& g);
+    netio::Result<std::vector<ReplicationGroup>> list_groups();
+    netio::Result<ReplicationGroup> get_group(int64_t id);
+    netio::Result<ReplicationGroup> get_group_by_name(std::string_view name);
+    netio::Result<ReplicationGroup> update_group(const ReplicationGroup& g);
+    netio::Result<std::vector<int64_t>> delete_group(int64_t id);
+    // Enabled groups whose reconcile schedule is due, and recording a fire (as for rules).
+    netio::Result<std::vector<DueRule>> due_groups(Time now);
+    netio::Result<std::optional<Time>> record_group_fire(int64_t group_id, Time fired_at);
+
+    // Webhook events. record_events stores the new ones durably (synchronous=FULL) and returns
+    // them with their ids; events already stored for the registry (same event id) are skipped:
+    // a redelivery is not processed twice. At most kMaxEventsPerRecord per call (invalid beyond).
+    static constexpr size_t kMaxEventsPerRecord = 10000;
+    netio::Result<std::vector<StoredEvent>> record_events(int64_t registry_id, const std::vector<RegistryEvent>& events);
+    // Unprocessed events received at or before `received_before`, oldest first, at most `limit`.
+    netio::Result<std::vector<StoredEvent>> pending_events(Time received_before, uint32_t limit);
+    // Marks events processed and links them to the tasks they triggered (task_ids may be empty).
+    netio::Status mark_events_processed(const std::vector<int64_t>& event_ids, const std::vector<int64_t>& task_ids);
+    // Newest first, for the API.
+    netio::Result<std::vector<StoredEvent>> list_events(uint32_t limit);
+    // Events older than `before` that are processed are removed; returns how many.
+    netio::Result<uint64_t> prune_events(Time before);
+
+    // Webhook deliveries (notifications out).
+    netio::Result<Delivery> add_delivery(int64_t task_id, std::string_view url);
+    // status: "pending" (will retry), "delivered" or "failed" (given up); sets finished for the last two.
+    netio::Status update_delivery(int64_t id, std::string_view status, uint32_t attempts, int last_status,
+                                  std::string_view last_error);
+    netio::Result<std::vector<Delivery>> list_deliveries(int64_t task_id);
+    // Pending deliveries (a restart resumes them), oldest first.
+    netio::Result<std::vector<Delivery>> pending_deliveries();
 
     // Schedules. Enabled rules with a schedule whose next fire time is at or before `now`.
     netio::Result<std::vector<DueRule>> due_rules(Time now);
