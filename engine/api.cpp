@@ -149,7 +149,7 @@ int json_depth(std::string_view s, int limit) {
     return max_depth;
 }
 
-using Query = std::vector<std::pair<std::string, std::string>>;
+}  // namespace
 
 Query parse_query(std::string_view q) {
     Query out;
@@ -166,6 +166,8 @@ Query parse_query(std::string_view q) {
     }
     return out;
 }
+
+namespace {
 
 std::string join_methods(std::initializer_list<std::string_view> methods) {
     std::string out;
@@ -387,6 +389,41 @@ private:
         return not_found("no rule " + quote_input(ref));
     }
 
+    netio::Result<ReplicationGroup> find_group(const std::string& ref) {
+        if (auto id = parse_id(ref)) {
+            auto g = store_.get_group(*id);
+            if (g.ok() || kind_of(g.error()) != ErrorKind::not_found) return g;
+        }
+        if (check_name(ref).empty()) {
+            auto g = store_.get_group_by_name(ref);
+            if (g.ok() || kind_of(g.error()) != ErrorKind::not_found) return g;
+        }
+        return not_found("no replication group " + quote_input(ref));
+    }
+
+    // Tells the daemon about tasks that must stop now (a deleted rule's or group's).
+    void cancel_requested(const std::vector<int64_t>& ids) const {
+        for (int64_t id : ids) {
+            try {
+                if (o_.on_cancel_requested) o_.on_cancel_requested(id);
+            } catch (...) {
+                log("control API: on_cancel_requested threw");
+            }
+        }
+    }
+
+    // 202 with the Queued task of a manual trigger, after telling the daemon.
+    HttpResponse queued(const TaskRecord& task) const {
+        try {
+            if (o_.on_task_queued) o_.on_task_queued(task);
+        } catch (...) {
+            log("control API: on_task_queued threw");
+        }
+        HttpResponse r = json_response(202, to_json(task, now()));
+        r.headers.emplace_back("Location", "/v1/tasks/" + std::to_string(task.id));
+        return r;
+    }
+
     netio::Result<TaskRecord> find_task(const std::string& ref) {
         if (auto id = parse_id(ref)) {
             auto t = store_.get_task(*id);
@@ -408,10 +445,16 @@ private:
     HttpResponse rules();
     HttpResponse rule(const std::string& ref);
     HttpResponse rule_action(const std::string& ref, const std::string& action);
+    HttpResponse replications();
+    HttpResponse replication(const std::string& ref);
+    HttpResponse replication_action(const std::string& ref, const std::string& action);
+    HttpResponse replication_status(const std::string& ref);
     HttpResponse tasks();
     HttpResponse task(const std::string& ref);
     HttpResponse task_items(const std::string& ref);
+    HttpResponse task_deliveries(const std::string& ref);
     HttpResponse task_cancel(const std::string& ref);
+    HttpResponse events();
 
     Store& store_;
     const ControlApiOptions& o_;
@@ -437,11 +480,21 @@ HttpResponse Router::route() {
         if (n == 3) return rule(seg_[2]);
         if (n == 4 && (seg_[3] == "enable" || seg_[3] == "disable" || seg_[3] == "trigger"))
             return rule_action(seg_[2], seg_[3]);
+    } else if (coll == "replications") {
+        // /where and /v1/webhooks are the daemon's own routes, answered before this router.
+        if (n == 2) return replications();
+        if (n == 3) return replication(seg_[2]);
+        if (n == 4 && (seg_[3] == "enable" || seg_[3] == "disable" || seg_[3] == "trigger"))
+            return replication_action(seg_[2], seg_[3]);
+        if (n == 4 && seg_[3] == "status") return replication_status(seg_[2]);
     } else if (coll == "tasks") {
         if (n == 2) return tasks();
         if (n == 3) return task(seg_[2]);
         if (n == 4 && seg_[3] == "items") return task_items(seg_[2]);
+        if (n == 4 && seg_[3] == "deliveries") return task_deliveries(seg_[2]);
         if (n == 4 && seg_[3] == "cancel") return task_cancel(seg_[2]);
+    } else if (coll == "events") {
+        if (n == 2) return events();
     }
     return unknown_route();
 }
@@ -582,13 +635,7 @@ HttpResponse Router::rule(const std::string& ref) {
     if (method_ == "DELETE") {
         auto stopped = store_.delete_rule(rule->id);
         if (!stopped.ok()) return from_error(stopped.error());
-        for (int64_t id : *stopped) {
-            try {
-                if (o_.on_cancel_requested) o_.on_cancel_requested(id);
-            } catch (...) {
-                log("control API: on_cancel_requested threw");
-            }
-        }
+        cancel_requested(*stopped);
         return no_content();
     }
     auto checked = patch_rule(*rule, *patch);
@@ -609,14 +656,7 @@ HttpResponse Router::rule_action(const std::string& ref, const std::string& acti
             return error_response(409, "rule " + quote_input(rule->name) + " is disabled; enable it to trigger it");
         auto task = store_.create_task(rule->id, Trigger::manual);
         if (!task.ok()) return from_error(task.error());
-        try {
-            if (o_.on_task_queued) o_.on_task_queued(*task);
-        } catch (...) {
-            log("control API: on_task_queued threw");
-        }
-        HttpResponse r = json_response(202, to_json(*task, now()));
-        r.headers.emplace_back("Location", "/v1/tasks/" + std::to_string(task->id));
-        return r;
+        return queued(*task);
     }
     const bool enable = action == "enable";
     if (rule->enabled == enable) return json_response(200, to_json(*rule));
@@ -628,13 +668,107 @@ HttpResponse Router::rule_action(const std::string& ref, const std::string& acti
     return json_response(200, to_json(*updated));
 }
 
+// ---- replication groups ----
+
+HttpResponse Router::replications() {
+    return collection(
+        "replications", "/v1/replications/", [&] { return store_.list_groups(); },
+        [](const json& b) { return group_from_json(b); }, [&](const auto& value) { return store_.create_group(value); });
+}
+
+HttpResponse Router::replication(const std::string& ref) {
+    HttpResponse out;
+    if (!allowed({"GET", "PATCH", "DELETE"}, out)) return out;
+    std::optional<json> patch;
+    if (method_ == "PATCH") {
+        patch = body(out);
+        if (!patch) return out;
+    }
+    auto group = find_group(ref);
+    if (!group.ok()) return from_error(group.error());
+    if (method_ == "GET") return json_response(200, to_json(*group));
+    if (method_ == "DELETE") {
+        auto stopped = store_.delete_group(group->id);
+        if (!stopped.ok()) return from_error(stopped.error());
+        cancel_requested(*stopped);
+        return no_content();
+    }
+    auto checked = patch_group(*group, *patch);
+    if (!checked.ok()) return field_errors_response(checked.errors);
+    checked.value.id = group->id;
+    auto updated = store_.update_group(checked.value);
+    if (!updated.ok()) return from_error(updated.error());
+    return json_response(200, to_json(*updated));
+}
+
+HttpResponse Router::replication_action(const std::string& ref, const std::string& action) {
+    HttpResponse out;
+    if (!allowed({"POST"}, out)) return out;
+    auto group = find_group(ref);
+    if (!group.ok()) return from_error(group.error());
+    if (action == "trigger") {
+        if (!group->enabled)
+            return error_response(409, "replication group " + quote_input(group->name) +
+                                           " is disabled; enable it to trigger it");
+        auto task = store_.create_group_task(group->id, Trigger::manual, {});
+        if (!task.ok()) return from_error(task.error());
+        return queued(*task);
+    }
+    const bool enable = action == "enable";
+    if (group->enabled == enable) return json_response(200, to_json(*group));
+    ReplicationGroup g = *group;
+    g.enabled = enable;
+    auto updated = store_.update_group(g);
+    if (!updated.ok()) return from_error(updated.error());
+    return json_response(200, to_json(*updated));
+}
+
+HttpResponse Router::replication_status(const std::string& ref) {
+    HttpResponse out;
+    if (!allowed({"GET"}, out)) return out;
+    auto group = find_group(ref);
+    if (!group.ok()) return from_error(group.error());
+    if (!o_.group_status) return error_response(501, "replication status is not available here (no daemon attached)");
+    json status;
+    try {
+        status = o_.group_status(*group);
+    } catch (const std::exception& e) {
+        log(std::string("control API: group_status threw: ") + e.what());
+        return error_response(500, "internal error");
+    } catch (...) {
+        log("control API: group_status threw");
+        return error_response(500, "internal error");
+    }
+    return json_response(200, status);
+}
+
+// ---- events ----
+
+HttpResponse Router::events() {
+    HttpResponse out;
+    if (!allowed({"GET"}, out)) return out;
+    FieldErrors errs;
+    read_query({"limit"}, errs);
+    uint32_t limit = 100;
+    if (auto s = param("limit")) {
+        if (auto l = parse_limit(*s)) limit = *l;
+        else errs.push_back({"limit", "must be an integer from 1 to " + std::to_string(Store::kMaxPageSize)});
+    }
+    if (!errs.empty()) return field_errors_response(errs);
+    auto list = store_.list_events(limit);
+    if (!list.ok()) return from_error(list.error());
+    json arr = json::array();
+    for (const auto& e : *list) arr.push_back(to_json(e));
+    return json_response(200, json{{"events", std::move(arr)}});
+}
+
 // ---- tasks ----
 
 HttpResponse Router::tasks() {
     HttpResponse out;
     if (!allowed({"GET"}, out)) return out;
     FieldErrors errs;
-    read_query({"rule", "status", "since", "until", "limit", "cursor"}, errs);
+    read_query({"rule", "group", "status", "since", "until", "limit", "cursor"}, errs);
     TaskQuery q;
     if (auto s = param("status")) {
         if (auto st = parse_task_status(*s)) q.status = *st;
@@ -664,6 +798,11 @@ HttpResponse Router::tasks() {
         if (!rule.ok()) return from_error(rule.error());
         q.rule_id = rule->id;
     }
+    if (auto s = param("group")) {
+        auto group = find_group(*s);
+        if (!group.ok()) return from_error(group.error());
+        q.group_id = group->id;
+    }
     auto page = store_.list_tasks(q);
     if (!page.ok()) return from_error(page.error());
     const Time t = now();
@@ -690,7 +829,7 @@ HttpResponse Router::task_items(const std::string& ref) {
         if (auto a = parse_item_action(*s)) q.action = *a;
         else
             errs.push_back({"action", quote_input(*s) +
-                                          " is not one of \"copied\", \"skipped: exists\", \"skipped: same digest\", \"failed\""});
+                                          " is not one of \"copied\", \"skipped: exists\", \"skipped: same digest\", \"failed\", \"deleted\""});
     }
     if (auto s = param("limit")) {
         if (auto l = parse_limit(*s)) q.limit = *l;
@@ -708,6 +847,18 @@ HttpResponse Router::task_items(const std::string& ref) {
     json arr = json::array();
     for (const auto& item : page->items) arr.push_back(to_json(item));
     return json_response(200, json{{"items", std::move(arr)}, {"next_cursor", cursor_json(page->next_cursor)}});
+}
+
+HttpResponse Router::task_deliveries(const std::string& ref) {
+    HttpResponse out;
+    if (!allowed({"GET"}, out)) return out;
+    auto t = find_task(ref);
+    if (!t.ok()) return from_error(t.error());
+    auto list = store_.list_deliveries(t->id);
+    if (!list.ok()) return from_error(list.error());
+    json arr = json::array();
+    for (const auto& d : *list) arr.push_back(to_json(d));
+    return json_response(200, json{{"deliveries", std::move(arr)}});
 }
 
 HttpResponse Router::task_cancel(const std::string& ref) {

@@ -181,6 +181,10 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
             auto res = co_await source.get_blob(repo, blob->digest(), &sink, range);
             co_await sink.drained();
             stats.bytes_read += sink.bytes_read_;
+            if (!res.ok() && res.error().code == std::errc::operation_canceled) {
+                shared.error = res.error();  // the run is stopping: no retry
+                break;
+            }
             if (sink.stood_down_) co_return;  // another stream has the whole body
             if (sink.write_error()) {
                 shared.error = netio::Error::make(what + ": writing to the cache: " + sink.write_error()->message);

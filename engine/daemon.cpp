@@ -6,65 +6,17 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
-#include <deque>
 #include <filesystem>
-#include <map>
-#include <memory>
-#include <mutex>
-#include <set>
-#include <thread>
-#include <utility>
-#include <vector>
 
-#include <nlohmann/json.hpp>
-
-#include "engine/api.h"
-#include "engine/mirror.h"
-#include "netio/http_server.h"
-#include "netio/uring_loop.h"
+#include "engine/daemon_impl.h"
 
 namespace engine {
 
-namespace {
+namespace daemon_detail {
 
-using json = nlohmann::json;
-using SteadyClock = std::chrono::steady_clock;
-
-constexpr const char* kVersion = "0.1.0";
-
-// "host[:port]" and scheme of a registry URL the store has checked ("scheme://host[:port]").
-struct Endpoint {
-    std::string scheme;
-    std::string host;
-};
-
-Endpoint endpoint_of(const std::string& url) {
-    const size_t sep = url.find("://");
-    if (sep == std::string::npos) return {"", url};
-    return {url.substr(0, sep), url.substr(sep + 3)};
-}
-
-// A task's weight on a shared link: event-triggered work first, a manual run next, scheduled scans
-// last, none starved (planner/link_shares.h).
-unsigned weight_of(Trigger t) {
-    switch (t) {
-    case Trigger::event: return 8;
-    case Trigger::manual: return 2;
-    case Trigger::schedule: return 1;
-    }
-    return 1;
-}
-
-// One capped link's shares: downloads from the source side and uploads to the target side.
-struct SharedLink {
-    std::shared_ptr<planner::LinkShares> down;
-    std::shared_ptr<planner::LinkShares> up;
-};
-
-// What the mirror reports, in the task log's terms.
 TaskItem to_task_item(const MirrorItem& m) {
     TaskItem t;
     t.repository = m.repository;
@@ -75,6 +27,8 @@ TaskItem to_task_item(const MirrorItem& m) {
     t.reason = m.reason;
     if (m.action == "copied") {
         t.action = ItemAction::copied;
+    } else if (m.action == "deleted") {
+        t.action = ItemAction::deleted;
     } else if (m.action == "skipped" && m.reason == "same digest") {
         t.action = ItemAction::skipped_same_digest;
         t.reason.clear();
@@ -88,93 +42,21 @@ TaskItem to_task_item(const MirrorItem& m) {
     return t;
 }
 
-// Everything a worker thread shares with the daemon's loop.
-struct Exchange {
-    std::mutex mu;
-    std::vector<MirrorItem> items;            // recorded, not yet in the store
-    std::optional<MirrorSummary> summary;     // set when the run is over
-};
-
-enum class StopWhy { none, cancel, shutdown };
-
-struct Running {
-    TaskRecord task;
-    int64_t rule_id = 0;
-    std::string link;  // "src-region->dst-region" when the link has a cap; "" otherwise
-    std::shared_ptr<MirrorOptions> opts;
-    std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
-    std::shared_ptr<MirrorProgress> progress = std::make_shared<MirrorProgress>();
-    std::shared_ptr<Exchange> exchange = std::make_shared<Exchange>();
-    std::thread thread;
-    StopWhy stop = StopWhy::none;
-    uint64_t repositories_stored = 0;
-    // A resumed task: (repository, tag) pairs its log already has. A new run finds them unchanged
-    // and would log them again as "skipped: same digest"; those are left out.
-    std::set<std::pair<std::string, std::string>> logged;
-};
-
-class Daemon {
-public:
-    explicit Daemon(const DaemonOptions& o) : o_(o) {}
-
-    int run();
-
-private:
-    void log(const std::string& line) {
-        if (!o_.log) return;
-        std::fprintf(o_.log, "%s crossdock: %s\n", format_time(now_ms()).c_str(), line.c_str());
-        std::fflush(o_.log);
-    }
-
-    bool start();
-    void recover();
-    void watch_signals();
-    void on_signal();
-    void tick();
-    void dispatch();
-    bool launch(int64_t task_id);
-    netio::Result<std::shared_ptr<MirrorOptions>> mirror_options(const Rule& rule, Running& r);
-    void pump();
-    void drain(Running& r);
-    void finish(Running& r, MirrorSummary& s);
-    void begin_shutdown();
-    netio::HttpResponse serve_tcp(const netio::HttpRequest& req);
-    std::string metrics();
-    json live_progress(int64_t task_id);
-    SharedLink& shared_link(const std::string& key, const Link& l);
-
-    const DaemonOptions& o_;
-    netio::UringLoop loop_;
-    std::unique_ptr<Store> store_;
-    std::unique_ptr<ControlApi> api_;
-    std::unique_ptr<netio::HttpServer> unix_server_;
-    std::unique_ptr<netio::HttpServer> tcp_server_;
-    netio::UniqueFd signal_fd_;
-    std::deque<int64_t> queue_;
-    std::map<int64_t, std::unique_ptr<Running>> running_;
-    std::map<std::string, SharedLink> links_;  // by "src-region->dst-region"
-    bool stopping_ = false;
-    SteadyClock::time_point stop_deadline_{};
-    SteadyClock::time_point next_prune_{};
-    // For /metrics, since the process started.
-    std::map<std::string, uint64_t> finished_by_status_;
-    std::map<std::string, uint64_t> artifacts_by_action_;
-    uint64_t bytes_copied_ = 0;
-    uint64_t tasks_started_ = 0;
-};
-
 int Daemon::run() {
     if (!start()) return 1;
     auto next_tick = SteadyClock::now();
     for (;;) {
-        loop_.run_once(std::chrono::milliseconds(200));
+        // Short waits while events are being coalesced, so a quiet artifact is picked up promptly.
+        loop_.run_once(std::chrono::milliseconds(events_pending_ ? 50 : 200));
         pump();
         if (stopping_) {
             if (running_.empty() || SteadyClock::now() >= stop_deadline_) break;
             continue;
         }
+        if (events_pending_) process_events();
         if (SteadyClock::now() >= next_tick) {
             tick();
+            reconcile();
             next_tick = SteadyClock::now() + o_.tick;
         }
         dispatch();
@@ -228,10 +110,7 @@ bool Daemon::start() {
 
     ControlApiOptions ao;
     ao.version = kVersion;
-    ao.on_task_queued = [this](const TaskRecord& t) {
-        log("task " + std::to_string(t.id) + " queued (rule " + t.rule_name + ", " + std::string(to_string(t.trigger)) + ")");
-        queue_.push_back(t.id);
-    };
+    ao.on_task_queued = [this](const TaskRecord& t) { enqueue(t); };
     ao.on_cancel_requested = [this](int64_t id) {
         if (auto it = running_.find(id); it != running_.end()) {
             it->second->stop = StopWhy::cancel;
@@ -240,10 +119,12 @@ bool Daemon::start() {
         }
     };
     ao.live_progress = [this](int64_t id) { return live_progress(id); };
+    ao.group_status = [this](const ReplicationGroup& g) { return group_status(g); };
     ao.log = [this](std::string_view msg) { log(std::string(msg)); };
     api_ = std::make_unique<ControlApi>(*store_, ao);
 
     recover();
+    remove_stale_caches();
     if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
         log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
     next_prune_ = SteadyClock::now() + std::chrono::hours(1);
@@ -259,7 +140,10 @@ bool Daemon::start() {
     }
     std::error_code ec;
     std::filesystem::create_directories(std::filesystem::path(o_.socket_path).parent_path(), ec);
-    unix_server_ = std::make_unique<netio::HttpServer>(loop_, api_->handler(), so);
+    http_ = std::make_unique<netio::HttpClient>(loop_);
+    resume_deliveries();
+    unix_server_ = std::make_unique<netio::HttpServer>(
+        loop_, netio::Handler([this](netio::HttpRequest& req) { return serve_unix(req); }), so);
     if (auto st = unix_server_->listen_unix(o_.socket_path, o_.socket_group ? 0660 : 0600, o_.socket_group); !st.ok()) {
         log("cannot listen on " + o_.socket_path + ": " + st.error().message);
         return false;
@@ -334,7 +218,22 @@ void Daemon::begin_shutdown() {
     }
 }
 
-// Schedules and retention.
+// A full scan of the rule (or group) is queued or running: a schedule that fires now is skipped
+// rather than piling up another.
+bool Daemon::scan_pending(std::optional<int64_t> rule_id, std::optional<int64_t> group_id) {
+    auto owns = [&](const TaskRecord& t) {
+        return t.scope.empty() && ((rule_id && t.rule_id == rule_id) || (group_id && t.group_id == group_id));
+    };
+    for (auto& [id, r] : running_)
+        if (owns(r->task)) return true;
+    for (int64_t id : queue_) {
+        auto t = store_->get_task(id);
+        if (t.ok() && t->status == TaskStatus::queued && owns(t.value())) return true;
+    }
+    return false;
+}
+
+// Schedules (rules, and groups' reconcile scans) and retention.
 void Daemon::tick() {
     const Time now = now_ms();
     auto due = store_->due_rules(now);
@@ -342,16 +241,9 @@ void Daemon::tick() {
         log("cannot read schedules: " + due.error().message);
     } else {
         for (const auto& d : due.value()) {
-            // A rule whose previous task is still queued or running does not pile up more.
-            bool busy = false;
-            for (auto& [id, r] : running_) busy = busy || r->rule_id == d.rule_id;
-            for (int64_t id : queue_) {
-                auto t = store_->get_task(id);
-                busy = busy || (t.ok() && t->rule_id == d.rule_id && t->status == TaskStatus::queued);
-            }
             (void)store_->record_fire(d.rule_id, now);
-            if (busy) {
-                log("rule " + d.rule_name + ": schedule fired while its previous task is still pending; skipped");
+            if (scan_pending(d.rule_id, std::nullopt)) {
+                log("rule " + d.rule_name + ": schedule fired while its previous scan is still pending; skipped");
                 continue;
             }
             auto t = store_->create_task(d.rule_id, Trigger::schedule);
@@ -359,8 +251,20 @@ void Daemon::tick() {
                 log("rule " + d.rule_name + ": cannot create the scheduled task: " + t.error().message);
                 continue;
             }
-            log("task " + std::to_string(t->id) + " queued (rule " + d.rule_name + ", schedule)");
-            queue_.push_back(t->id);
+            enqueue(t.value());
+        }
+    }
+    auto groups = store_->due_groups(now);
+    if (groups.ok()) {
+        for (const auto& d : groups.value()) {
+            (void)store_->record_group_fire(d.rule_id, now);
+            if (scan_pending(std::nullopt, d.rule_id)) continue;
+            auto t = store_->create_group_task(d.rule_id, Trigger::schedule, {});
+            if (!t.ok()) {
+                log("replication group " + d.rule_name + ": cannot create its reconcile task: " + t.error().message);
+                continue;
+            }
+            enqueue(t.value());
         }
     }
     if (SteadyClock::now() >= next_prune_) {
@@ -370,25 +274,97 @@ void Daemon::tick() {
     }
 }
 
-// Starts queued tasks, oldest first, within the limits.
+// Starts queued tasks within the limits: event-triggered ones first (they may take up to two
+// slots beyond --max-tasks, and run beside a scan of the same rule), then the others oldest first;
+// one task per rule (or group) at a time otherwise.
 void Daemon::dispatch() {
-    for (auto it = queue_.begin(); it != queue_.end() && running_.size() < o_.max_running_tasks;) {
+    if (queue_.empty()) return;
+    std::vector<std::pair<int64_t, TaskRecord>> ready;
+    for (auto it = queue_.begin(); it != queue_.end();) {
         auto t = store_->get_task(*it);
-        if (!t.ok() || t->status != TaskStatus::queued) {  // cancelled, or the rule was deleted
+        if (!t.ok() || t->status != TaskStatus::queued) {  // cancelled, or its rule was deleted
             it = queue_.erase(it);
             continue;
         }
-        bool rule_busy = false;
-        for (auto& [id, r] : running_) rule_busy = rule_busy || (t->rule_id && r->rule_id == *t->rule_id);
-        if (rule_busy) {
-            ++it;
-            continue;
+        ready.emplace_back(*it, std::move(t.value()));
+        ++it;
+    }
+    std::stable_partition(ready.begin(), ready.end(),
+                          [](const auto& p) { return p.second.trigger == Trigger::event; });
+    for (const auto& [id, t] : ready) {
+        const bool event = t.trigger == Trigger::event;
+        const size_t limit = o_.max_running_tasks + (event ? 2 : 0);
+        if (running_.size() >= limit) continue;
+        bool busy = false;
+        for (auto& [rid, r] : running_) {
+            const bool same_owner = (t.rule_id && r->rule_id == *t.rule_id) || (t.group_id && r->task.group_id == t.group_id);
+            if (same_owner && (!event || r->task.trigger == Trigger::event)) busy = true;
         }
-        const int64_t id = *it;
-        it = queue_.erase(it);
+        if (busy) continue;
+        queue_.erase(std::find(queue_.begin(), queue_.end(), id));
         launch(id);
     }
 }
+
+netio::Result<std::string> Daemon::add_endpoint(MirrorOptions& o, const Registry& reg, bool source,
+                                                std::optional<Credentials> override_credentials) {
+    const Endpoint e = endpoint_of(reg.url);
+    RegistryTransport tr{e.scheme, reg.insecure, reg.ca_file, std::nullopt};
+    if (override_credentials && !override_credentials->empty()) {
+        tr.credentials = std::move(override_credentials);
+    } else {
+        auto creds = store_->credentials_for(reg.id);
+        if (!creds.ok()) return creds.error();
+        if (!creds->empty()) tr.credentials = creds.value();
+    }
+    // One host with two registry records (two accounts on one registry): the source's
+    // credentials go through source_credentials, the targets' through target_credentials.
+    if (source) o.source_credentials = tr.credentials;
+    else o.target_credentials = tr.credentials;
+    o.transports[e.host] = std::move(tr);
+    return e.host;
+}
+
+// The link's cap holds for every task on the link together, split by the tasks' weights.
+void Daemon::share_link(MirrorOptions& o, Running& r, const Registry& src, const Registry& dst) {
+    if (src.region.empty() || dst.region.empty()) return;
+    auto links = store_->list_links();
+    if (!links.ok()) return;
+    for (const auto& l : links.value()) {
+        if (l.source_region != src.region || l.target_region != dst.region) continue;
+        r.link = l.source_region + "->" + l.target_region;
+        SharedLink& shared = shared_link(r.link, l);
+        const unsigned weight = weight_of(r.task.trigger);
+        const auto now = planner::Clock::now();
+        shared.down->join(r.task.id, weight, now);
+        shared.up->join(r.task.id, weight, now);
+        o.shared_source = shared.down;
+        o.shared_target = shared.up;
+        o.shared_member = static_cast<uint64_t>(r.task.id);
+    }
+}
+
+std::shared_ptr<MirrorOptions> base_options(const DaemonOptions& d) {
+    auto o = std::make_shared<MirrorOptions>();
+    o->jobs = d.jobs;
+    o->streams = d.streams;
+    o->chunk_size_bytes = d.chunk_size_bytes;
+    o->cache_cap_bytes = d.cache_cap_bytes;
+    o->log = nullptr;
+    return o;
+}
+
+namespace {
+
+// An event task's scope, as the mirror takes it: repositories relative to the source namespace.
+std::vector<MirrorArtifact> scoped(const std::vector<TaskScope>& scope, const std::string& ns) {
+    std::vector<MirrorArtifact> out;
+    for (const auto& s : scope)
+        if (auto rel = below_namespace(s.repository, ns)) out.push_back({*rel, s.tag, s.digest, s.remove});
+    return out;
+}
+
+}  // namespace
 
 netio::Result<std::shared_ptr<MirrorOptions>> Daemon::mirror_options(const Rule& rule, Running& r) {
     auto src = store_->get_registry(rule.source_registry_id);
@@ -398,52 +374,20 @@ netio::Result<std::shared_ptr<MirrorOptions>> Daemon::mirror_options(const Rule&
     auto filters = compile_filters(rule.repo_filter, rule.tag_filter, std::string(to_string(rule.type)));
     if (!filters.ok()) return filters.error();
 
-    auto o = std::make_shared<MirrorOptions>();
-    const Endpoint se = endpoint_of(src->url);
-    const Endpoint de = endpoint_of(dst->url);
-    o->source = RegistryRef{se.host, rule.source_namespace};
-    o->targets.push_back(RegistryRef{de.host, rule.effective_target_namespace()});
-    o->transports[se.host] = RegistryTransport{se.scheme, src->insecure, src->ca_file};
-    o->transports[de.host] = RegistryTransport{de.scheme, dst->insecure, dst->ca_file};
+    auto o = base_options(o_);
+    auto src_host = add_endpoint(*o, src.value(), true, std::nullopt);
+    if (!src_host.ok()) return src_host.error();
+    auto rule_creds = store_->rule_target_credentials(rule.id);
+    if (!rule_creds.ok()) return rule_creds.error();
+    auto dst_host = add_endpoint(*o, dst.value(), false, rule_creds.value());
+    if (!dst_host.ok()) return dst_host.error();
+    o->source = RegistryRef{src_host.value(), rule.source_namespace};
+    o->targets.push_back(RegistryRef{dst_host.value(), rule.effective_target_namespace()});
+    r.target_names[o->targets.back().to_string()] = dst->name;
     o->filters = filters.value();
     o->overwrite = rule.overwrite;
-
-    auto source_creds = store_->credentials_for(src->id);
-    if (!source_creds.ok()) return source_creds.error();
-    if (!source_creds->empty()) o->source_credentials = source_creds.value();
-    auto target_creds = store_->rule_target_credentials(rule.id);
-    if (!target_creds.ok()) return target_creds.error();
-    if (target_creds->empty()) {
-        target_creds = store_->credentials_for(dst->id);
-        if (!target_creds.ok()) return target_creds.error();
-    }
-    if (!target_creds->empty()) o->target_credentials = target_creds.value();
-
-    o->jobs = o_.jobs;
-    o->streams = o_.streams;
-    o->chunk_size_bytes = o_.chunk_size_bytes;
-    o->cache_dir = (std::filesystem::path(o_.state_dir) / "cache").string();
-    o->cache_cap_bytes = o_.cache_cap_bytes;
-    o->log = nullptr;
-
-    // The link's cap holds for every task on the link together, split by the tasks' weights.
-    if (!src->region.empty() && !dst->region.empty()) {
-        auto links = store_->list_links();
-        if (links.ok()) {
-            for (const auto& l : links.value()) {
-                if (l.source_region != src->region || l.target_region != dst->region) continue;
-                r.link = l.source_region + "->" + l.target_region;
-                SharedLink& shared = shared_link(r.link, l);
-                const unsigned weight = weight_of(r.task.trigger);
-                const auto now = planner::Clock::now();
-                shared.down->join(r.task.id, weight, now);
-                shared.up->join(r.task.id, weight, now);
-                o->shared_source = shared.down;
-                o->shared_target = shared.up;
-                o->shared_member = static_cast<uint64_t>(r.task.id);
-            }
-        }
-    }
+    o->only = scoped(r.task.scope, rule.source_namespace);
+    share_link(*o, r, src.value(), dst.value());
     return o;
 }
 
@@ -456,16 +400,36 @@ bool Daemon::launch(int64_t task_id) {
         log("task " + std::to_string(task_id) + " failed: " + why);
         return false;
     };
-    if (!task->rule_id) return fail("its rule was deleted");
-    auto rule = store_->get_rule(*task->rule_id);
-    if (!rule.ok()) return fail("cannot read its rule: " + rule.error().message);
-
     auto r = std::make_unique<Running>();
-    r->rule_id = rule->id;
     r->task = task.value();
-    auto opts = mirror_options(rule.value(), *r);
-    if (!opts.ok()) return fail(opts.error().message);
-    r->opts = opts.value();
+    std::string what;
+    if (task->group_id) {
+        auto group = store_->get_group(*task->group_id);
+        if (!group.ok()) return fail("cannot read its replication group: " + group.error().message);
+        auto opts = group_mirror_options(group.value(), *r);
+        if (!opts.ok()) return fail(opts.error().message);
+        r->opts = opts.value();
+        what = "replication group " + group->name;
+    } else {
+        if (!task->rule_id) return fail("its rule was deleted");
+        auto rule = store_->get_rule(*task->rule_id);
+        if (!rule.ok()) return fail("cannot read its rule: " + rule.error().message);
+        r->rule_id = rule->id;
+        auto opts = mirror_options(rule.value(), *r);
+        if (!opts.ok()) return fail(opts.error().message);
+        r->opts = opts.value();
+        what = "rule " + rule->name;
+    }
+    // Each task has its own blob cache (a cas::BlobStore belongs to one loop): kept while the task
+    // may resume, removed when it ends.
+    r->opts->cache_dir = cache_dir_of(task_id);
+    if (!task->scope.empty() && r->opts->only.empty()) {
+        // Every scoped artifact fell outside the namespace: nothing to do.
+        (void)store_->start_task(task_id);
+        (void)store_->finish_task(task_id, TaskStatus::succeeded, "");
+        ++finished_by_status_["Succeeded"];
+        return true;
+    }
 
     // A resumed task: what its log already holds.
     std::optional<int64_t> cursor;
@@ -475,7 +439,7 @@ bool Daemon::launch(int64_t task_id) {
         q.limit = Store::kMaxPageSize;
         auto items = store_->list_items(task_id, q);
         if (!items.ok()) break;
-        for (const auto& it : items->items) r->logged.emplace(it.repository, it.tag);
+        for (const auto& it : items->items) r->logged.emplace(it.target + "\n" + it.repository, it.tag);
         if (!items->next_cursor) break;
         cursor = items->next_cursor;
     }
@@ -508,8 +472,12 @@ bool Daemon::launch(int64_t task_id) {
         loop->wake();
     });
     ++tasks_started_;
-    log("task " + std::to_string(task_id) + " started (rule " + rule->name + ": " + r->opts->source.to_string() + " -> " +
-        r->opts->targets[0].to_string() + (r->logged.empty() ? "" : ", continuing its log") + ")");
+    std::string targets;
+    for (const auto& t : r->opts->targets) targets += (targets.empty() ? "" : ", ") + t.to_string();
+    log("task " + std::to_string(task_id) + " started (" + what + ", " + std::string(to_string(r->task.trigger)) + ": " +
+        r->opts->source.to_string() + " -> " + targets +
+        (r->task.scope.empty() ? "" : ", " + std::to_string(r->task.scope.size()) + " artifact(s)") +
+        (r->logged.empty() ? "" : ", continuing its log") + ")");
     running_.emplace(task_id, std::move(r));
     return true;
 }
@@ -549,7 +517,8 @@ void Daemon::drain(Running& r) {
     items.reserve(got.size());
     for (const auto& m : got) {
         TaskItem t = to_task_item(m);
-        if (t.action == ItemAction::skipped_same_digest && r.logged.count({t.repository, t.tag})) continue;
+        if (auto name = r.target_names.find(m.target); name != r.target_names.end()) t.target = name->second;
+        if (t.action == ItemAction::skipped_same_digest && r.logged.count({t.target + "\n" + t.repository, t.tag})) continue;
         ++artifacts_by_action_[std::string(to_string(t.action))];
         if (t.action == ItemAction::copied) bytes_copied_ += t.bytes;
         items.push_back(std::move(t));
@@ -600,11 +569,41 @@ void Daemon::finish(Running& r, MirrorSummary& s) {
     }
     if (auto st = store_->finish_task(id, status, reason); !st.ok())
         log("task " + std::to_string(id) + ": cannot record its end: " + st.error().message);
+    else
+        notify_task_end(id);
+    std::error_code ec;
+    std::filesystem::remove_all(cache_dir_of(id), ec);
     ++finished_by_status_[std::string(to_string(status))];
     log("task " + std::to_string(id) + " " + std::string(to_string(status)) + ": " + std::to_string(c.copied) + " copied, " +
         std::to_string(c.skipped) + " skipped, " + std::to_string(c.failed) + " failed, " +
         format_bytes(double(c.bytes)) + " in " + std::to_string(static_cast<long>(s.duration_s * 1000)) + " ms" +
         (reason.empty() ? "" : "; " + reason));
+}
+
+std::string Daemon::cache_dir_of(int64_t task_id) const {
+    return (std::filesystem::path(o_.state_dir) / "cache" / ("task-" + std::to_string(task_id))).string();
+}
+
+// Caches of tasks that can no longer resume (finished, pruned, or from an older layout).
+void Daemon::remove_stale_caches() {
+    std::error_code ec;
+    const std::filesystem::path root = std::filesystem::path(o_.state_dir) / "cache";
+    for (auto it = std::filesystem::directory_iterator(root, ec); !ec && it != std::filesystem::directory_iterator();
+         it.increment(ec)) {
+        const std::string name = it->path().filename().string();
+        bool keep = false;
+        if (name.starts_with("task-")) {
+            int64_t id = 0;
+            const char* b = name.data() + 5;
+            const char* e = name.data() + name.size();
+            if (std::from_chars(b, e, id).ptr == e)
+                if (auto t = store_->get_task(id); t.ok() && !is_terminal(t->status)) keep = true;
+        }
+        if (!keep) {
+            std::error_code rm;
+            std::filesystem::remove_all(it->path(), rm);
+        }
+    }
 }
 
 SharedLink& Daemon::shared_link(const std::string& key, const Link& l) {
@@ -635,6 +634,15 @@ json Daemon::live_progress(int64_t task_id) {
 }
 
 netio::HttpResponse Daemon::serve_tcp(const netio::HttpRequest& req) {
+    static constexpr std::string_view kWebhooks = "/v1/webhooks/";
+    if (req.path.starts_with(kWebhooks) && req.path.size() > kWebhooks.size()) {
+        if (req.method != "POST") {
+            netio::HttpResponse r = netio::HttpResponse::json_error(405, "webhooks are POSTed");
+            r.headers.emplace_back("Allow", "POST");
+            return r;
+        }
+        return receive_webhook(req, req.path.substr(kWebhooks.size()));
+    }
     if (req.method != "GET" && req.method != "HEAD") {
         netio::HttpResponse r = netio::HttpResponse::json_error(405, "only GET and HEAD are served here");
         r.headers.emplace_back("Allow", "GET, HEAD");
@@ -657,7 +665,24 @@ netio::HttpResponse Daemon::serve_tcp(const netio::HttpRequest& req) {
         r.body = metrics();
         return r;
     }
-    return netio::HttpResponse::json_error(404, "not found: " + req.path + " (this port serves /healthz and /metrics)");
+    return netio::HttpResponse::json_error(
+        404, "not found: " + quote_input(req.path) + " (this port serves /healthz, /metrics and POST /v1/webhooks/{registry})");
+}
+
+// The control API, plus the one route that talks to registries and so cannot be synchronous.
+netio::Task<netio::HttpResponse> Daemon::serve_unix(netio::HttpRequest& req) {
+    static constexpr std::string_view kGroups = "/v1/replications/";
+    static constexpr std::string_view kWhere = "/where";
+    if (req.path.starts_with(kGroups) && req.path.ends_with(kWhere) &&
+        req.path.size() > kGroups.size() + kWhere.size() && (req.method == "GET" || req.method == "HEAD")) {
+        std::string ref = req.path.substr(kGroups.size(), req.path.size() - kGroups.size() - kWhere.size());
+        std::string image;
+        for (const auto& [k, v] : parse_query(req.query))
+            if (k == "image") image = v;
+        netio::HttpResponse r = co_await where(std::move(ref), std::move(image));
+        co_return r;
+    }
+    co_return api_->handle(req);
 }
 
 std::string Daemon::metrics() {
@@ -698,10 +723,10 @@ std::string Daemon::metrics() {
     return out;
 }
 
-}  // namespace
+}  // namespace daemon_detail
 
 int run_daemon(const DaemonOptions& options) {
-    Daemon d(options);
+    daemon_detail::Daemon d(options);
     return d.run();
 }
 

@@ -51,6 +51,15 @@ struct DaemonOptions {
     Retention retention{30, 1000};         // finished tasks older than 30 days or beyond 1000 per rule
     std::chrono::milliseconds stop_timeout{10000};
     std::chrono::milliseconds tick{1000};  // how often schedules are checked
+    // Webhook events: a burst of events for one artifact is coalesced until it has been quiet for
+    // `event_quiet`, or its first event is `event_max_hold` old; then one task copies the latest.
+    std::chrono::milliseconds event_quiet{250};
+    std::chrono::milliseconds event_max_hold{1000};
+    // Sync-on-push rules without a schedule are reconciled (a full scan) at start and this often.
+    std::chrono::seconds reconcile_interval{3600};
+    // Notifications out: attempts per URL, the first retry after `notify_backoff`, doubling.
+    uint32_t notify_attempts = 5;
+    std::chrono::milliseconds notify_backoff{1000};
     FILE* log = stderr;
 };
 

@@ -139,7 +139,7 @@ public:
 private:
     MirrorSummary finish(std::chrono::steady_clock::time_point t0) {
         for (const auto& it : summary_.items) {
-            if (it.action == "copied" || it.action == "would-copy") ++summary_.copied;
+            if (it.action == "copied" || it.action == "would-copy" || it.action == "deleted") ++summary_.copied;
             else if (it.action == "skipped") ++summary_.skipped;
             else if (it.action == "failed") ++summary_.failed;
         }
@@ -221,6 +221,7 @@ private:
         p.artifacts_in_progress = in_progress_;
         p.bytes_read = live_read_;
         p.bytes_sent = live_sent_;
+        p.bytes_planned = planned_bytes_;
     }
 
     void draw_progress() {
@@ -268,6 +269,7 @@ private:
             ro.scheme = it->second.scheme;
             ro.insecure = it->second.insecure;
             ro.ca_file = it->second.ca_file;
+            if (it->second.credentials) ro.credentials = it->second.credentials;
         }
         ro.credentials = credentials_for(host, flag);
         ro.chunk_size_bytes = opts_.chunk_size_bytes;
@@ -310,6 +312,10 @@ private:
             }
         }
 
+        if (!opts_.only.empty()) {
+            co_await run_only();
+            co_return;
+        }
         log("listing repositories of " + opts_.source.host + (opts_.source.ns.empty() ? "" : "/" + opts_.source.ns));
         auto cat = co_await source_->catalog();
         if (!cat.ok()) {
@@ -337,6 +343,54 @@ private:
         }
         co_await wg.wait();
         co_await fills_.wait();  // every download has settled before the cache is closed
+    }
+
+    // A run limited to named artifacts: no catalog or tag listing, the filters still apply.
+    Task<void> run_only() {
+        std::set<std::string> repos;
+        netio::WaitGroup wg(loop_);
+        for (const auto& a : opts_.only) {
+            if (stop_) break;
+            if (opts_.filters.repo && !RE2::FullMatch(a.repository, *opts_.filters.repo)) continue;
+            repos.insert(a.repository);
+            if (a.remove) {
+                wg.add();
+                netio::spawn(guarded(delete_on_targets(a.repository, a.digest), wg));
+                continue;
+            }
+            if (a.tag.empty() || (opts_.filters.tag && !RE2::FullMatch(a.tag, *opts_.filters.tag))) continue;
+            wg.add();
+            netio::spawn(guarded(copy_tag(a.repository, a.tag), wg));
+        }
+        summary_.repositories = repos.size();
+        repos_scanned_ = repos.size();
+        co_await wg.wait();
+        co_await fills_.wait();
+    }
+
+    // Replicates a delete: the manifest `digest` goes from every target that has it.
+    Task<void> delete_on_targets(std::string rel, std::string digest) {
+        for (auto& t : targets_) {
+            const auto t0 = std::chrono::steady_clock::now();
+            const std::string dst_repo = join_repo(t->ref.ns, rel);
+            MirrorItem item{t->label, rel, "", digest, "", "", "", 0};
+            auto head = co_await t->client->head_manifest(dst_repo, digest);
+            if (!head.ok()) {
+                item.action = "failed";
+                item.reason = head.error().message;
+            } else if (!head.value()) {
+                item.action = "skipped";
+                item.reason = "already absent on the target";
+            } else if (opts_.dry_run) {
+                item.action = "would-copy";
+                item.reason = "would delete";
+            } else {
+                auto st = co_await t->client->delete_manifest(dst_repo, digest);
+                item.action = st.ok() ? "deleted" : "failed";
+                if (!st.ok()) item.reason = "deleting: " + st.error().message;
+            }
+            record(std::move(item), t0);
+        }
     }
 
     // Links: "source" (every download) and "target:<host/ns>" (uploads to one target), each capped

@@ -45,6 +45,16 @@ struct RegistryTransport {
     std::string scheme;  // "http" or "https"; "" = https, then http if insecure
     bool insecure = false;
     std::string ca_file;
+    std::optional<Credentials> credentials;  // for this host; else the source/target credentials
+};
+
+// One artifact of a run limited to named artifacts (event-triggered): a repository path relative
+// to the source namespace and a tag; or, with `remove`, a manifest digest to delete on the targets.
+struct MirrorArtifact {
+    std::string repository;
+    std::string tag;
+    std::string digest;
+    bool remove = false;
 };
 
 // Live figures of a run, updated by the mirror about ten times a second and readable from any
@@ -56,6 +66,7 @@ struct MirrorProgress {
     std::atomic<uint64_t> artifacts_in_progress{0};
     std::atomic<uint64_t> bytes_read{0};            // from the source
     std::atomic<uint64_t> bytes_sent{0};            // to the targets (retries count again)
+    std::atomic<uint64_t> bytes_planned{0};         // of the uploads started so far
 };
 
 struct MirrorItem;
@@ -84,6 +95,9 @@ struct MirrorOptions {
     bool progress_tty = false;                      // a live status line on `log`
     FILE* log = stderr;                             // progress and log lines; nullptr = quiet
     std::map<std::string, RegistryTransport> transports;  // by host; hosts not here use insecure/ca_file
+    // Non-empty: no catalog scan; only these artifacts are copied (filters still apply) or, with
+    // `remove`, deleted on the targets.
+    std::vector<MirrorArtifact> only;
 
     // For the daemon. on_item: each artifact's outcome, on the mirror's thread, as it is recorded.
     // cancel: set from any thread to stop the run: no new artifact starts and transfers in flight
@@ -105,7 +119,7 @@ struct MirrorItem {
     std::string tag;
     std::string digest;
     std::string type;        // image | helm
-    std::string action;      // copied | skipped | failed | would-copy
+    std::string action;      // copied | skipped | failed | would-copy | deleted
     std::string reason;
     uint64_t bytes = 0;      // blob bytes uploaded (or that would be) for this item
     uint64_t duration_ms = 0;

@@ -460,8 +460,9 @@ Task<Status> RegistryClient::upload_blob(std::string repo, std::string digest, u
             --attempt;
             continue;
         }
-        if (last.error().code == std::errc::invalid_argument || last.error().code == std::errc::bad_message)
-            co_return last;  // digest/size rejected, or the content failed verification: no retry
+        if (last.error().code == std::errc::invalid_argument || last.error().code == std::errc::bad_message ||
+            last.error().code == std::errc::operation_canceled)
+            co_return last;  // digest/size rejected, the content failed verification, or cancelled: no retry
         co_await netio::sleep_for(http_.loop(), backoff_.next_delay(attempt));
     }
     co_return last;

@@ -547,6 +547,91 @@ std::string check_url(FieldErrors& errs, std::string_view url) {
     return scheme + "://" + ref->host;
 }
 
+// Never quotes the value: it is a secret.
+void check_webhook_secret(FieldErrors& errs, std::string_view secret) {
+    if (secret.size() > kMaxSecretLength)
+        errs.push_back({"webhook_secret", "must be at most " + std::to_string(kMaxSecretLength) + " characters"});
+    else if (has_control(secret, false))
+        errs.push_back({"webhook_secret", "must not contain control characters"});
+    else if (!secret.empty() && (secret.front() == ' ' || secret.back() == ' '))
+        errs.push_back({"webhook_secret", "must not start or end with a space (HTTP trims header values)"});
+}
+
+// One notification URL: "http(s)://host[:port][/path][?query]", returned with scheme and host
+// lowercased; "" and a message in `why` if it is not one. Messages never quote the URL (a webhook
+// URL often carries a token in its path or query); they may quote the host.
+std::string check_notify_url(std::string_view url, std::string& why) {
+    if (url.empty()) {
+        why = "must not be empty";
+        return {};
+    }
+    if (url.size() > kMaxUrlLength) {
+        why = "must be at most " + std::to_string(kMaxUrlLength) + " characters, not " + std::to_string(url.size());
+        return {};
+    }
+    if (std::any_of(url.begin(), url.end(), [](char ch) {
+            const auto c = static_cast<unsigned char>(ch);
+            return c <= 0x20 || c == 0x7f;
+        })) {
+        why = "must not contain whitespace or control characters";
+        return {};
+    }
+    const size_t sep = url.find("://");
+    if (sep == std::string_view::npos) {
+        why = "must be an absolute URL, http://host[:port][/path] or https://...";
+        return {};
+    }
+    const std::string scheme = lowercase(url.substr(0, sep));
+    if (scheme != "http" && scheme != "https") {
+        why = "scheme must be http or https";
+        return {};
+    }
+    const std::string_view rest = url.substr(sep + 3);
+    const size_t end = rest.find_first_of("/?#");
+    const std::string_view authority = rest.substr(0, end);
+    if (authority.find('@') != std::string_view::npos) {
+        why = "must not contain credentials (user:password@)";
+        return {};
+    }
+    if (authority.empty()) {
+        why = "has no host";
+        return {};
+    }
+    auto ref = parse_registry_ref(authority);
+    if (!ref.ok()) {
+        why = "bad host or port: " + ref.error().message;
+        return {};
+    }
+    if (rest.find('#') != std::string_view::npos) {
+        why = "must not have a fragment ('#...')";
+        return {};
+    }
+    return scheme + "://" + ref->host + std::string(end == std::string_view::npos ? std::string_view() : rest.substr(end));
+}
+
+void check_notify_urls(FieldErrors& errs, std::vector<std::string>& urls) {
+    if (urls.size() > kMaxNotifyUrls) {
+        errs.push_back({"notify_urls", "at most " + std::to_string(kMaxNotifyUrls) + " URLs, not " +
+                                           std::to_string(urls.size())});
+        return;
+    }
+    for (size_t i = 0; i < urls.size(); ++i) {
+        std::string why;
+        std::string normal = check_notify_url(urls[i], why);
+        if (!why.empty()) {
+            errs.push_back({"notify_urls", "URL " + std::to_string(i + 1) + " " + why});
+            continue;
+        }
+        urls[i] = std::move(normal);
+        for (size_t j = 0; j < i; ++j) {
+            if (urls[j] == urls[i]) {
+                errs.push_back({"notify_urls", "URL " + std::to_string(i + 1) + " repeats URL " + std::to_string(j + 1)});
+                break;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 Checked<Registry> check(Registry r) {
@@ -568,6 +653,7 @@ Checked<Registry> check(Registry r) {
     if (r.insecure && !https && r.url.rfind("http://", 0) == 0)
         errs.push_back({"insecure", "applies to https URLs only (an http URL is already unencrypted)"});
     if (r.credentials) check_credentials(errs, *r.credentials, "username", "password");
+    if (r.webhook_secret) check_webhook_secret(errs, *r.webhook_secret);
     out.value = std::move(r);
     return out;
 }
@@ -599,7 +685,43 @@ Checked<Rule> check(Rule r) {
     if (r.target_credentials) check_credentials(errs, *r.target_credentials, "target_username", "target_password");
     auto schedule = Schedule::parse(r.schedule);
     errs.insert(errs.end(), schedule.errors.begin(), schedule.errors.end());
+    check_notify_urls(errs, r.notify_urls);
     out.value = std::move(r);
+    return out;
+}
+
+Checked<ReplicationGroup> check(ReplicationGroup g) {
+    Checked<ReplicationGroup> out;
+    auto& errs = out.errors;
+    check_required_name(errs, "name", g.name);
+    check_required_name(errs, "primary", g.primary);
+    if (g.replicas.empty()) {
+        errs.push_back({"replicas", "must name at least one registry"});
+    } else if (g.replicas.size() > kMaxReplicas) {
+        errs.push_back({"replicas", "at most " + std::to_string(kMaxReplicas) + " registries, not " +
+                                        std::to_string(g.replicas.size())});
+    } else {
+        for (size_t i = 0; i < g.replicas.size(); ++i) {
+            const std::string& name = g.replicas[i];
+            if (auto why = check_name(name); !why.empty()) {
+                errs.push_back({"replicas", "replica " + std::to_string(i + 1) + ": " + why});
+                continue;
+            }
+            if (name == g.primary) {
+                errs.push_back({"replicas", quote(name) + " is the primary; a replica must be another registry"});
+                continue;
+            }
+            for (size_t j = 0; j < i; ++j) {
+                if (g.replicas[j] == name) {
+                    errs.push_back({"replicas", quote(name) + " is named more than once"});
+                    break;
+                }
+            }
+        }
+    }
+    auto schedule = Schedule::parse(g.schedule);
+    errs.insert(errs.end(), schedule.errors.begin(), schedule.errors.end());
+    out.value = std::move(g);
     return out;
 }
 
@@ -642,8 +764,24 @@ std::string_view to_string(ItemAction a) noexcept {
     case ItemAction::skipped_exists: return "skipped: exists";
     case ItemAction::skipped_same_digest: return "skipped: same digest";
     case ItemAction::failed: return "failed";
+    case ItemAction::deleted: return "deleted";
     }
     return "failed";
+}
+
+std::string_view to_string(NotifyOn n) noexcept {
+    switch (n) {
+    case NotifyOn::always: return "always";
+    case NotifyOn::failure: return "failure";
+    case NotifyOn::success: return "success";
+    }
+    return "always";
+}
+
+std::optional<NotifyOn> parse_notify_on(std::string_view s) noexcept {
+    for (auto n : {NotifyOn::always, NotifyOn::failure, NotifyOn::success})
+        if (s == to_string(n)) return n;
+    return std::nullopt;
 }
 
 std::optional<TypeFilter> parse_type_filter(std::string_view s) noexcept {
@@ -670,7 +808,8 @@ std::optional<TaskStatus> parse_task_status(std::string_view s) noexcept {
 }
 
 std::optional<ItemAction> parse_item_action(std::string_view s) noexcept {
-    for (auto a : {ItemAction::copied, ItemAction::skipped_exists, ItemAction::skipped_same_digest, ItemAction::failed})
+    for (auto a : {ItemAction::copied, ItemAction::skipped_exists, ItemAction::skipped_same_digest, ItemAction::failed,
+                   ItemAction::deleted})
         if (s == to_string(a)) return a;
     return std::nullopt;
 }
@@ -709,6 +848,7 @@ json to_json(const Registry& r) {
                 {"insecure", r.insecure},
                 {"ca_file", r.ca_file},
                 {"has_credentials", r.has_credentials},
+                {"has_webhook_secret", r.has_webhook_secret},
                 {"created", format_time(r.created)},
                 {"updated", format_time(r.updated)}};
 }
@@ -735,16 +875,64 @@ json to_json(const Rule& r) {
                 {"overwrite", r.overwrite},
                 {"enabled", r.enabled},
                 {"schedule", r.schedule},
+                {"sync_on_push", r.sync_on_push},
+                {"notify_urls", r.notify_urls},
+                {"notify_on", to_string(r.notify_on)},
                 {"next_fire", time_or_null(r.next_fire)},
                 {"created", format_time(r.created)},
                 {"updated", format_time(r.updated)}};
 }
 
+json to_json(const ReplicationGroup& g) {
+    return json{{"id", g.id},
+                {"name", g.name},
+                {"primary", g.primary},
+                {"replicas", g.replicas},
+                {"replicate_deletes", g.replicate_deletes},
+                {"enabled", g.enabled},
+                {"schedule", g.schedule},
+                {"next_fire", time_or_null(g.next_fire)},
+                {"created", format_time(g.created)},
+                {"updated", format_time(g.updated)}};
+}
+
+json to_json(const Delivery& d) {
+    return json{{"id", d.id},
+                {"task_id", d.task_id},
+                {"url", d.url},
+                {"status", d.status},
+                {"attempts", d.attempts},
+                {"last_status", d.last_status},
+                {"last_error", d.last_error},
+                {"created", format_time(d.created)},
+                {"finished", time_or_null(d.finished)}};
+}
+
+json to_json(const StoredEvent& e) {
+    return json{{"id", e.id},
+                {"registry_id", e.registry_id},
+                {"registry", e.registry_name},
+                {"event_id", e.event_id},
+                {"action", e.remove ? "delete" : "push"},
+                {"repository", e.repository},
+                {"tag", e.tag},
+                {"digest", e.digest},
+                {"received", format_time(e.received)},
+                {"processed", e.processed},
+                {"task_ids", e.task_ids}};
+}
+
 json to_json(const TaskRecord& t, Time now) {
     const auto d = t.duration(now);
+    json scope = json::array();
+    for (const auto& s : t.scope)
+        scope.push_back({{"repository", s.repository}, {"tag", s.tag}, {"digest", s.digest}, {"remove", s.remove}});
     return json{{"id", t.id},
                 {"rule_id", t.rule_id ? json(*t.rule_id) : json(nullptr)},
                 {"rule_name", t.rule_name},
+                {"group_id", t.group_id ? json(*t.group_id) : json(nullptr)},
+                {"group_name", t.group_name},
+                {"scope", std::move(scope)},
                 {"trigger", to_string(t.trigger)},
                 {"status", to_string(t.status)},
                 {"reason", t.reason},
@@ -764,6 +952,7 @@ json to_json(const TaskRecord& t, Time now) {
 json to_json(const TaskItem& i) {
     return json{{"id", i.id},
                 {"task_id", i.task_id},
+                {"target", i.target},
                 {"repository", i.repository},
                 {"tag", i.tag},
                 {"digest", i.digest},
@@ -815,6 +1004,26 @@ public:
         else if (v.is_number_integer() && v.get<int64_t>() >= 0) out = static_cast<uint64_t>(v.get<int64_t>());
         else if (v.is_number_integer()) errs_.push_back({key, "must not be negative"});
         else errs_.push_back({key, std::string("must be a non-negative integer, not ") + type_name(v)});
+    }
+    // An array of strings; null resets to empty.
+    void strings(const std::string& key, const json& v, std::vector<std::string>& out) {
+        if (v.is_null()) {
+            out.clear();
+            return;
+        }
+        if (!v.is_array()) {
+            errs_.push_back({key, std::string("must be an array of strings, not ") + type_name(v)});
+            return;
+        }
+        std::vector<std::string> list;
+        for (size_t i = 0; i < v.size(); ++i) {
+            if (!v[i].is_string()) {
+                errs_.push_back({key, "element " + std::to_string(i + 1) + " must be a string, not " + type_name(v[i])});
+                return;
+            }
+            list.push_back(v[i].get<std::string>());
+        }
+        out = std::move(list);
     }
     void unknown(const std::string& key) { errs_.push_back({key, "unknown field"}); }
 
@@ -876,7 +1085,14 @@ Checked<Registry> apply_registry(Registry r, const json& body) {
         else if (key == "ca_file") rd.string(key, v, r.ca_file);
         else if (key == "username") creds.read(rd, key, v, true);
         else if (key == "password") creds.read(rd, key, v, false);
-        else if (key == "id" || key == "created" || key == "updated" || key == "has_credentials") continue;
+        else if (key == "webhook_secret") {
+            // null removes it, as "" does. Never quoted.
+            std::string secret;
+            rd.string(key, v, secret);
+            r.webhook_secret = std::move(secret);
+        } else if (key == "id" || key == "created" || key == "updated" || key == "has_credentials" ||
+                   key == "has_webhook_secret")
+            continue;
         else rd.unknown(key);
     }
     creds.apply(errs, "username", "password", r.credentials);
@@ -909,13 +1125,44 @@ Checked<Rule> apply_rule(Rule r, const json& body) {
         else if (key == "overwrite") rd.boolean(key, v, r.overwrite, false);
         else if (key == "enabled") rd.boolean(key, v, r.enabled, true);
         else if (key == "schedule") rd.string(key, v, r.schedule);
-        else if (key == "id" || key == "created" || key == "updated" || key == "has_target_credentials" ||
+        else if (key == "sync_on_push") rd.boolean(key, v, r.sync_on_push, false);
+        else if (key == "notify_urls") rd.strings(key, v, r.notify_urls);
+        else if (key == "notify_on") {
+            if (v.is_null()) r.notify_on = NotifyOn::always;
+            else if (!v.is_string()) errs.push_back({key, std::string("must be a string, not ") + type_name(v)});
+            else if (auto n = parse_notify_on(v.get_ref<const std::string&>())) r.notify_on = *n;
+            else errs.push_back({key, quote(v.get_ref<const std::string&>()) + " is not one of always, failure, success"});
+        } else if (key == "id" || key == "created" || key == "updated" || key == "has_target_credentials" ||
                  key == "next_fire" || key == "source_registry_id" || key == "target_registry_id")
             continue;
         else rd.unknown(key);
     }
     creds.apply(errs, "target_username", "target_password", r.target_credentials);
     auto checked = check(std::move(r));
+    merge(errs, checked.errors);
+    return {std::move(checked.value), std::move(errs)};
+}
+
+Checked<ReplicationGroup> apply_group(ReplicationGroup g, const json& body) {
+    FieldErrors errs;
+    if (!is_object_body(body, errs)) return {std::move(g), std::move(errs)};
+    FieldReader rd(errs);
+    for (const auto& [key, v] : body.items()) {
+        if (key == "name") rd.string(key, v, g.name);
+        else if (key == "primary") rd.string(key, v, g.primary);
+        else if (key == "replicas") rd.strings(key, v, g.replicas);
+        else if (key == "replicate_deletes") rd.boolean(key, v, g.replicate_deletes, false);
+        else if (key == "enabled") rd.boolean(key, v, g.enabled, true);
+        else if (key == "schedule") {
+            // null resets to the default ("1h"); "" means events only.
+            if (v.is_null()) g.schedule = ReplicationGroup{}.schedule;
+            else rd.string(key, v, g.schedule);
+        } else if (key == "id" || key == "created" || key == "updated" || key == "next_fire" || key == "primary_id" ||
+                   key == "replica_ids")
+            continue;
+        else rd.unknown(key);
+    }
+    auto checked = check(std::move(g));
     merge(errs, checked.errors);
     return {std::move(checked.value), std::move(errs)};
 }
@@ -927,7 +1174,14 @@ Checked<Registry> registry_from_json(const json& body) { return apply_registry(R
 Checked<Registry> patch_registry(const Registry& current, const json& patch) {
     Registry r = current;
     r.credentials.reset();  // unchanged unless the patch has them
+    r.webhook_secret.reset();
     return apply_registry(std::move(r), patch);
+}
+
+Checked<ReplicationGroup> group_from_json(const json& body) { return apply_group(ReplicationGroup{}, body); }
+
+Checked<ReplicationGroup> patch_group(const ReplicationGroup& current, const json& patch) {
+    return apply_group(current, patch);
 }
 
 Checked<Rule> rule_from_json(const json& body) { return apply_rule(Rule{}, body); }

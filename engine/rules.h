@@ -10,7 +10,8 @@
 // (`std::optional<Credentials>`, empty optional = "leave as stored"), the store never fills them in
 // on the way out, and no to_json() here writes them: `has_credentials` / `has_target_credentials`
 // say whether some are stored. Code that needs them to talk to a registry asks the store
-// explicitly (Store::credentials_for).
+// explicitly (Store::credentials_for). A registry's webhook secret is handled the same way
+// (`has_webhook_secret` out, Store::webhook_secret_for), and no message quotes it either.
 //
 // The persisted task is `TaskRecord`, not `Task`: engine code already uses `Task` for netio's
 // coroutine type (registry_client.h has `using netio::Task`).
@@ -198,7 +199,10 @@ struct Rule {
     // schedule, or every `serve --reconcile-interval` when it has none.
     bool sync_on_push = false;
     // Notifications out: each URL (http or https, at most kMaxNotifyUrls) is POSTed a JSON summary
-    // when a task of the rule ends, per notify_on.
+    // when a task of the rule ends, per notify_on. check() wants absolute URLs without userinfo or
+    // fragment, at most kMaxUrlLength each, no two alike; it lowercases scheme and host (the path
+    // and query are kept as given). Errors (field "notify_urls") name a URL by its position, never
+    // quote it: a webhook URL often carries a token.
     std::vector<std::string> notify_urls;
     NotifyOn notify_on = NotifyOn::always;
     // Output only, filled by the store.
@@ -223,9 +227,10 @@ Checked<Rule> check(Rule r);
 
 enum class Trigger { manual, schedule, event };
 enum class TaskStatus { queued, in_progress, succeeded, partially_failed, failed, stopped };
-enum class ItemAction { copied, skipped_exists, skipped_same_digest, failed };
+// `deleted`: a replication group replicated a delete (counted with the copied artifacts).
+enum class ItemAction { copied, skipped_exists, skipped_same_digest, failed, deleted };
 
-// "manual"... / "Queued", "InProgress"... / "copied", "skipped: exists"... (the API's spellings).
+// "manual"... / "Queued", "InProgress"... / "copied", "skipped: exists", ..., "deleted" (the API's spellings).
 std::string_view to_string(TypeFilter t) noexcept;
 std::string_view to_string(Trigger t) noexcept;
 std::string_view to_string(TaskStatus s) noexcept;
@@ -348,7 +353,9 @@ struct StoredEvent {
     std::vector<int64_t> task_ids;  // tasks it triggered (output only)
 };
 
-// Output. None of these writes a credential.
+// Output. None of these writes a credential or a webhook secret. TaskRecord: "group_id" (or null),
+// "group_name", "scope": [{"repository", "tag", "digest", "remove"}] ([] for a full scan).
+// TaskItem: "target". StoredEvent: "registry" (the name), "action" "push" | "delete", "task_ids".
 nlohmann::json to_json(const ReplicationGroup& g);
 nlohmann::json to_json(const Delivery& d);
 nlohmann::json to_json(const StoredEvent& e);
@@ -366,7 +373,10 @@ nlohmann::json to_json(const TaskItem& i);
 Checked<Registry> registry_from_json(const nlohmann::json& body);
 Checked<Link> link_from_json(const nlohmann::json& body);
 Checked<Rule> rule_from_json(const nlohmann::json& body);
-// "name", "primary", "replicas", "replicate_deletes", "enabled", "schedule".
+// "name", "primary", "replicas" (array of registry names), "replicate_deletes", "enabled",
+// "schedule". As for rules: unknown fields are errors, the read-only fields of to_json() ("id",
+// "next_fire", "created", "updated") are ignored, null resets a field to its default (for
+// "schedule" that is "1h"; "" means events only). patch_group changes only the fields given.
 Checked<ReplicationGroup> group_from_json(const nlohmann::json& body);
 Checked<ReplicationGroup> patch_group(const ReplicationGroup& current, const nlohmann::json& patch);
 // PATCH: only the fields present in `patch` change; the result is checked again as a whole.

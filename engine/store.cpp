@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <limits>
 
+#include <nlohmann/json.hpp>
+
 namespace engine {
 
 namespace {
@@ -308,6 +310,64 @@ const std::vector<Migration>& migrations() {
              "CREATE INDEX tasks_status ON tasks(status, id)",
              "CREATE INDEX tasks_created ON tasks(created_ms)",
          }},
+        // v3: webhooks in (registry secrets, stored events), sync on push and notifications out for
+        // rules (deliveries), replication groups and their tasks (scope, per-item target).
+        {3,
+         {
+             "ALTER TABLE registries ADD COLUMN webhook_secret TEXT NOT NULL DEFAULT ''",
+             "ALTER TABLE rules ADD COLUMN sync_on_push INTEGER NOT NULL DEFAULT 0",
+             "ALTER TABLE rules ADD COLUMN notify_urls TEXT NOT NULL DEFAULT '[]'",
+             "ALTER TABLE rules ADD COLUMN notify_on TEXT NOT NULL DEFAULT 'always'",
+             R"(CREATE TABLE replication_groups (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  name TEXT NOT NULL UNIQUE,
+                  primary_registry_id INTEGER NOT NULL REFERENCES registries(id) ON DELETE RESTRICT,
+                  replicate_deletes INTEGER NOT NULL DEFAULT 0,
+                  enabled INTEGER NOT NULL DEFAULT 1,
+                  schedule TEXT NOT NULL DEFAULT '',
+                  next_fire_ms INTEGER,
+                  last_fire_ms INTEGER,
+                  created_ms INTEGER NOT NULL,
+                  updated_ms INTEGER NOT NULL))",
+             "CREATE INDEX replication_groups_primary ON replication_groups(primary_registry_id)",
+             R"(CREATE TABLE replication_replicas (
+                  group_id INTEGER NOT NULL REFERENCES replication_groups(id) ON DELETE CASCADE,
+                  registry_id INTEGER NOT NULL REFERENCES registries(id) ON DELETE RESTRICT,
+                  position INTEGER NOT NULL,
+                  PRIMARY KEY (group_id, registry_id)))",
+             "CREATE INDEX replication_replicas_registry ON replication_replicas(registry_id)",
+             // A column added with REFERENCES must default to NULL (SQLite, ALTER TABLE ADD COLUMN).
+             "ALTER TABLE tasks ADD COLUMN group_id INTEGER REFERENCES replication_groups(id) ON DELETE SET NULL",
+             "ALTER TABLE tasks ADD COLUMN group_name TEXT NOT NULL DEFAULT ''",
+             "ALTER TABLE tasks ADD COLUMN scope TEXT NOT NULL DEFAULT '[]'",
+             "CREATE INDEX tasks_group ON tasks(group_id, id)",
+             "ALTER TABLE task_items ADD COLUMN target TEXT NOT NULL DEFAULT ''",
+             R"(CREATE TABLE events (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  registry_id INTEGER NOT NULL REFERENCES registries(id) ON DELETE CASCADE,
+                  event_id TEXT NOT NULL,
+                  action TEXT NOT NULL,
+                  repository TEXT NOT NULL,
+                  tag TEXT NOT NULL DEFAULT '',
+                  digest TEXT NOT NULL DEFAULT '',
+                  received_ms INTEGER NOT NULL,
+                  processed INTEGER NOT NULL DEFAULT 0,
+                  task_ids TEXT NOT NULL DEFAULT '[]',
+                  UNIQUE (registry_id, event_id)))",
+             "CREATE INDEX events_pending ON events(processed, received_ms, id)",
+             R"(CREATE TABLE deliveries (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  task_id INTEGER NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+                  url TEXT NOT NULL,
+                  status TEXT NOT NULL DEFAULT 'pending',
+                  attempts INTEGER NOT NULL DEFAULT 0,
+                  last_status INTEGER NOT NULL DEFAULT 0,
+                  last_error TEXT NOT NULL DEFAULT '',
+                  created_ms INTEGER NOT NULL,
+                  finished_ms INTEGER))",
+             "CREATE INDEX deliveries_task ON deliveries(task_id, id)",
+             "CREATE INDEX deliveries_status ON deliveries(status, id)",
+         }},
     };
     return list;
 }
@@ -351,8 +411,8 @@ Status make_private_file(const std::string& path, bool create) {
 // Rows
 
 constexpr std::string_view kRegistryColumns =
-    "SELECT id, name, url, region, insecure, ca_file, (username != '' OR password != ''), created_ms, updated_ms "
-    "FROM registries ";
+    "SELECT id, name, url, region, insecure, ca_file, (username != '' OR password != ''), created_ms, updated_ms, "
+    "webhook_secret != '' FROM registries ";
 
 Registry read_registry(const Stmt& s) {
     Registry r;
@@ -365,13 +425,62 @@ Registry read_registry(const Stmt& s) {
     r.has_credentials = s.flag(6);
     r.created = s.time(7);
     r.updated = s.time(8);
+    r.has_webhook_secret = s.flag(9);
     return r;
+}
+
+// JSON text columns (notify_urls, scope, task_ids) are written by this file only; a value that does
+// not parse reads as empty.
+std::string urls_to_db(const std::vector<std::string>& urls) { return nlohmann::json(urls).dump(); }
+
+std::vector<std::string> urls_from_db(const std::string& text) {
+    std::vector<std::string> out;
+    const auto j = nlohmann::json::parse(text, nullptr, false);
+    if (!j.is_array()) return out;
+    for (const auto& v : j)
+        if (v.is_string()) out.push_back(v.get<std::string>());
+    return out;
+}
+
+std::string ids_to_db(const std::vector<int64_t>& ids) { return nlohmann::json(ids).dump(); }
+
+std::vector<int64_t> ids_from_db(const std::string& text) {
+    std::vector<int64_t> out;
+    const auto j = nlohmann::json::parse(text, nullptr, false);
+    if (!j.is_array()) return out;
+    for (const auto& v : j)
+        if (v.is_number_integer()) out.push_back(v.get<int64_t>());
+    return out;
+}
+
+std::string scope_to_db(const std::vector<TaskScope>& scope) {
+    auto j = nlohmann::json::array();
+    for (const auto& s : scope)
+        j.push_back({{"repository", s.repository}, {"tag", s.tag}, {"digest", s.digest}, {"remove", s.remove}});
+    return j.dump();
+}
+
+std::vector<TaskScope> scope_from_db(const std::string& text) {
+    std::vector<TaskScope> out;
+    const auto j = nlohmann::json::parse(text, nullptr, false);
+    if (!j.is_array()) return out;
+    for (const auto& v : j) {
+        if (!v.is_object()) continue;
+        TaskScope s;
+        s.repository = v.value("repository", "");
+        s.tag = v.value("tag", "");
+        s.digest = v.value("digest", "");
+        s.remove = v.value("remove", false);
+        out.push_back(std::move(s));
+    }
+    return out;
 }
 
 constexpr std::string_view kRuleColumns =
     "SELECT r.id, r.name, r.description, src.name, r.source_namespace, r.repo_filter, r.tag_filter, r.type, "
     "dst.name, r.target_namespace, (r.target_username != '' OR r.target_password != ''), r.overwrite, r.enabled, "
-    "r.schedule, r.source_registry_id, r.target_registry_id, sc.next_fire_ms, r.created_ms, r.updated_ms "
+    "r.schedule, r.source_registry_id, r.target_registry_id, sc.next_fire_ms, r.created_ms, r.updated_ms, "
+    "r.sync_on_push, r.notify_urls, r.notify_on "
     "FROM rules r JOIN registries src ON src.id = r.source_registry_id "
     "JOIN registries dst ON dst.id = r.target_registry_id LEFT JOIN schedules sc ON sc.rule_id = r.id ";
 
@@ -396,12 +505,15 @@ Rule read_rule(const Stmt& s) {
     r.next_fire = s.opt_time(16);
     r.created = s.time(17);
     r.updated = s.time(18);
+    r.sync_on_push = s.flag(19);
+    r.notify_urls = urls_from_db(s.text(20));
+    r.notify_on = parse_notify_on(s.text(21)).value_or(NotifyOn::always);
     return r;
 }
 
 constexpr std::string_view kTaskColumns =
     "SELECT id, rule_id, rule_name, trigger_kind, status, reason, created_ms, started_ms, finished_ms, "
-    "cancel_requested, repositories, copied, skipped, failed, bytes FROM tasks ";
+    "cancel_requested, repositories, copied, skipped, failed, bytes, group_id, group_name, scope FROM tasks ";
 
 TaskRecord read_task(const Stmt& s) {
     TaskRecord t;
@@ -420,11 +532,14 @@ TaskRecord read_task(const Stmt& s) {
     t.counters.skipped = s.u64(12);
     t.counters.failed = s.u64(13);
     t.counters.bytes = s.u64(14);
+    t.group_id = s.opt_i64(15);
+    t.group_name = s.text(16);
+    t.scope = scope_from_db(s.text(17));
     return t;
 }
 
 constexpr std::string_view kItemColumns =
-    "SELECT id, task_id, repository, tag, digest, action, reason, bytes, duration_ms FROM task_items ";
+    "SELECT id, task_id, repository, tag, digest, action, reason, bytes, duration_ms, target FROM task_items ";
 
 TaskItem read_item(const Stmt& s) {
     TaskItem i;
@@ -437,7 +552,65 @@ TaskItem read_item(const Stmt& s) {
     i.reason = s.text(6);
     i.bytes = s.u64(7);
     i.duration_ms = s.u64(8);
+    i.target = s.text(9);
     return i;
+}
+
+constexpr std::string_view kGroupColumns =
+    "SELECT g.id, g.name, p.name, g.primary_registry_id, g.replicate_deletes, g.enabled, g.schedule, "
+    "g.next_fire_ms, g.created_ms, g.updated_ms FROM replication_groups g "
+    "JOIN registries p ON p.id = g.primary_registry_id ";
+
+ReplicationGroup read_group(const Stmt& s) {
+    ReplicationGroup g;
+    g.id = s.i64(0);
+    g.name = s.text(1);
+    g.primary = s.text(2);
+    g.primary_id = s.i64(3);
+    g.replicate_deletes = s.flag(4);
+    g.enabled = s.flag(5);
+    g.schedule = s.text(6);
+    g.next_fire = s.opt_time(7);
+    g.created = s.time(8);
+    g.updated = s.time(9);
+    return g;
+}
+
+constexpr std::string_view kEventColumns =
+    "SELECT e.id, e.registry_id, r.name, e.event_id, e.action, e.repository, e.tag, e.digest, e.received_ms, "
+    "e.processed, e.task_ids FROM events e JOIN registries r ON r.id = e.registry_id ";
+
+StoredEvent read_event(const Stmt& s) {
+    StoredEvent e;
+    e.id = s.i64(0);
+    e.registry_id = s.i64(1);
+    e.registry_name = s.text(2);
+    e.event_id = s.text(3);
+    e.remove = s.text(4) == "delete";
+    e.repository = s.text(5);
+    e.tag = s.text(6);
+    e.digest = s.text(7);
+    e.received = s.time(8);
+    e.processed = s.flag(9);
+    e.task_ids = ids_from_db(s.text(10));
+    return e;
+}
+
+constexpr std::string_view kDeliveryColumns =
+    "SELECT id, task_id, url, status, attempts, last_status, last_error, created_ms, finished_ms FROM deliveries ";
+
+Delivery read_delivery(const Stmt& s) {
+    Delivery d;
+    d.id = s.i64(0);
+    d.task_id = s.i64(1);
+    d.url = s.text(2);
+    d.status = s.text(3);
+    d.attempts = static_cast<uint32_t>(std::min<uint64_t>(s.u64(4), std::numeric_limits<uint32_t>::max()));
+    d.last_status = static_cast<int>(s.i64(5));
+    d.last_error = s.text(6);
+    d.created = s.time(7);
+    d.finished = s.opt_time(8);
+    return d;
 }
 
 std::string sql(std::string_view columns, std::string_view rest) {
@@ -472,6 +645,8 @@ Result<T> read_one(Result<Stmt> st, Read read, const std::string& missing) {
 std::string no_rule(int64_t id) { return "no rule with id " + std::to_string(id); }
 std::string no_registry(int64_t id) { return "no registry with id " + std::to_string(id); }
 std::string no_task(int64_t id) { return "no task with id " + std::to_string(id); }
+std::string no_group(int64_t id) { return "no replication group with id " + std::to_string(id); }
+std::string no_delivery(int64_t id) { return "no delivery with id " + std::to_string(id); }
 
 Error invalid(const FieldErrors& errors) { return err(ErrorKind::invalid, describe(errors)); }
 
@@ -606,6 +781,16 @@ Status Store::schedule_missing_fires() {
                       p.id, next);
         if (!r.ok()) return r.error();
     }
+    auto groups = read_all<Pending>(
+        prepare(db_.get(), "SELECT id, schedule FROM replication_groups WHERE schedule != '' AND next_fire_ms IS NULL"),
+        [](const Stmt& s) { return Pending{s.i64(0), s.text(1)}; });
+    if (!groups.ok()) return groups.error();
+    for (const auto& p : *groups) {
+        const auto schedule = Schedule::parse(p.schedule);
+        const auto next = schedule.ok() ? schedule.value.next_after(now) : std::nullopt;
+        auto r = exec(db_.get(), "UPDATE replication_groups SET next_fire_ms = ?2 WHERE id = ?1", p.id, next);
+        if (!r.ok()) return r.error();
+    }
     return netio::ok_status();
 }
 
@@ -620,8 +805,9 @@ Result<Registry> Store::add_registry(const Registry& in) {
     const Time now = options_.clock();
     auto st = prepare(db_.get(),
                       "INSERT INTO registries (name, url, region, insecure, ca_file, username, password, created_ms, "
-                      "updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                      r.name, r.url, r.region, r.insecure, r.ca_file, creds.username, creds.password, now);
+                      "updated_ms, webhook_secret) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+                      r.name, r.url, r.region, r.insecure, r.ca_file, creds.username, creds.password, now,
+                      r.webhook_secret.value_or(std::string()));
     if (!st.ok()) return st.error();
     if (auto res = st->run(); !res.ok()) {
         if (is_unique_violation(st->rc()))
@@ -667,6 +853,10 @@ Result<Registry> Store::update_registry(const Registry& in) {
                         r.credentials->username, r.credentials->password);
         if (!res.ok()) return res.error();
     }
+    if (r.webhook_secret) {
+        auto res = exec(db_.get(), "UPDATE registries SET webhook_secret = ?2 WHERE id = ?1", r.id, *r.webhook_secret);
+        if (!res.ok()) return res.error();
+    }
     if (auto res = tx->commit(); !res.ok()) return res.error();
     return get_registry(r.id);
 }
@@ -684,19 +874,42 @@ Status Store::remove_registry(int64_t id) {
                 id, kNamesShown + 1),
         [](const Stmt& s) { return s.text(0); });
     if (!users.ok()) return users.error();
-    if (!users->empty()) {
-        std::string names;
-        for (size_t i = 0; i < users->size() && i < kNamesShown; ++i) {
-            if (i > 0) names += ", ";
-            names += quote((*users)[i]);
+    auto groups = read_all<std::string>(
+        prepare(db_.get(),
+                "SELECT name FROM replication_groups WHERE primary_registry_id = ?1 OR id IN "
+                "(SELECT group_id FROM replication_replicas WHERE registry_id = ?1) ORDER BY name LIMIT ?2",
+                id, kNamesShown + 1),
+        [](const Stmt& s) { return s.text(0); });
+    if (!groups.ok()) return groups.error();
+    auto list = [](const std::vector<std::string>& names) {
+        std::string out;
+        for (size_t i = 0; i < names.size() && i < kNamesShown; ++i) {
+            if (i > 0) out += ", ";
+            out += quote(names[i]);
         }
-        if (users->size() > kNamesShown) names += ", ...";
-        return err(ErrorKind::conflict, "registry " + quote(reg->name) + " is used by rule" +
-                                            (users->size() > 1 ? "s " : " ") + names +
-                                            "; delete those rules or point them elsewhere first");
+        if (names.size() > kNamesShown) out += ", ...";
+        return out;
+    };
+    if (!users->empty() || !groups->empty()) {
+        std::string msg = "registry " + quote(reg->name) + " is used by ";
+        if (!users->empty()) msg += std::string(users->size() > 1 ? "rules " : "rule ") + list(*users);
+        if (!users->empty() && !groups->empty()) msg += " and ";
+        if (!groups->empty())
+            msg += std::string(groups->size() > 1 ? "replication groups " : "replication group ") + list(*groups);
+        msg += "; delete ";
+        msg += users->size() + groups->size() > 1 ? "them" : "it";
+        msg += " or point ";
+        msg += users->size() + groups->size() > 1 ? "them" : "it";
+        msg += " elsewhere first";
+        return err(ErrorKind::conflict, std::move(msg));
     }
     if (auto r = exec(db_.get(), "DELETE FROM registries WHERE id = ?1", id); !r.ok()) return r.error();
     return tx->commit();
+}
+
+Result<std::string> Store::webhook_secret_for(int64_t registry_id) {
+    return read_one<std::string>(prepare(db_.get(), "SELECT webhook_secret FROM registries WHERE id = ?1", registry_id),
+                                 [](const Stmt& s) { return s.text(0); }, no_registry(registry_id));
 }
 
 Result<Credentials> Store::credentials_for(int64_t registry_id) {
@@ -790,11 +1003,11 @@ Result<Rule> Store::create_rule(const Rule& in) {
     auto st = prepare(db_.get(),
                       "INSERT INTO rules (name, description, source_registry_id, source_namespace, repo_filter, "
                       "tag_filter, type, target_registry_id, target_namespace, target_username, target_password, "
-                      "overwrite, enabled, schedule, created_ms, updated_ms) "
-                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15)",
+                      "overwrite, enabled, schedule, created_ms, updated_ms, sync_on_push, notify_urls, notify_on) "
+                      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, ?16, ?17, ?18)",
                       r.name, r.description, *src, r.source_namespace, r.repo_filter, r.tag_filter,
                       to_string(r.type), *dst, r.target_namespace, creds.username, creds.password, r.overwrite,
-                      r.enabled, r.schedule, now);
+                      r.enabled, r.schedule, now, r.sync_on_push, urls_to_db(r.notify_urls), to_string(r.notify_on));
     if (!st.ok()) return st.error();
     if (auto res = st->run(); !res.ok()) {
         if (is_unique_violation(st->rc()))
@@ -834,9 +1047,11 @@ Result<Rule> Store::update_rule(const Rule& in) {
     auto st = prepare(db_.get(),
                       "UPDATE rules SET name = ?2, description = ?3, source_registry_id = ?4, source_namespace = ?5, "
                       "repo_filter = ?6, tag_filter = ?7, type = ?8, target_registry_id = ?9, target_namespace = ?10, "
-                      "overwrite = ?11, enabled = ?12, schedule = ?13, updated_ms = ?14 WHERE id = ?1",
+                      "overwrite = ?11, enabled = ?12, schedule = ?13, updated_ms = ?14, sync_on_push = ?15, "
+                      "notify_urls = ?16, notify_on = ?17 WHERE id = ?1",
                       r.id, r.name, r.description, *src, r.source_namespace, r.repo_filter, r.tag_filter,
-                      to_string(r.type), *dst, r.target_namespace, r.overwrite, r.enabled, r.schedule, now);
+                      to_string(r.type), *dst, r.target_namespace, r.overwrite, r.enabled, r.schedule, now,
+                      r.sync_on_push, urls_to_db(r.notify_urls), to_string(r.notify_on));
     if (!st.ok()) return st.error();
     if (auto res = st->run(); !res.ok()) {
         if (is_unique_violation(st->rc()))
@@ -889,16 +1104,54 @@ Result<Credentials> Store::rule_target_credentials(int64_t rule_id) {
 // ---------------------------------------------------------------------------------------------
 // Tasks
 
-Result<TaskRecord> Store::create_task(int64_t rule_id, Trigger trigger) {
+namespace {
+
+constexpr size_t kMaxField = 1024;  // repository, tag, digest, target of items, scopes and events
+
+Status check_scope(const std::vector<TaskScope>& scope) {
+    if (scope.size() > Store::kMaxEventsPerRecord)
+        return err(ErrorKind::invalid, "scope: at most " + std::to_string(Store::kMaxEventsPerRecord) + " artifacts");
+    for (const auto& s : scope) {
+        if (s.repository.empty()) return err(ErrorKind::invalid, "scope: repository must not be empty");
+        if (s.repository.size() > kMaxField || s.tag.size() > kMaxField || s.digest.size() > kMaxField)
+            return err(ErrorKind::invalid, "scope: repository, tag and digest must be at most " +
+                                               std::to_string(kMaxField) + " characters");
+    }
+    return netio::ok_status();
+}
+
+}  // namespace
+
+Result<TaskRecord> Store::create_task(int64_t rule_id, Trigger trigger) { return create_task(rule_id, trigger, {}); }
+
+Result<TaskRecord> Store::create_task(int64_t rule_id, Trigger trigger, const std::vector<TaskScope>& scope) {
+    if (auto c = check_scope(scope); !c.ok()) return c.error();
     auto tx = Transaction::begin(db_.get());
     if (!tx.ok()) return tx.error();
     auto name = read_one<std::string>(prepare(db_.get(), "SELECT name FROM rules WHERE id = ?1", rule_id),
                                       [](const Stmt& s) { return s.text(0); }, no_rule(rule_id));
     if (!name.ok()) return name.error();
     auto r = exec(db_.get(),
-                  "INSERT INTO tasks (rule_id, rule_name, trigger_kind, status, created_ms) "
-                  "VALUES (?1, ?2, ?3, 'Queued', ?4)",
-                  rule_id, *name, to_string(trigger), options_.clock());
+                  "INSERT INTO tasks (rule_id, rule_name, trigger_kind, status, created_ms, scope) "
+                  "VALUES (?1, ?2, ?3, 'Queued', ?4, ?5)",
+                  rule_id, *name, to_string(trigger), options_.clock(), scope_to_db(scope));
+    if (!r.ok()) return r.error();
+    const int64_t id = sqlite3_last_insert_rowid(db_.get());
+    if (auto c = tx->commit(); !c.ok()) return c.error();
+    return get_task(id);
+}
+
+Result<TaskRecord> Store::create_group_task(int64_t group_id, Trigger trigger, const std::vector<TaskScope>& scope) {
+    if (auto c = check_scope(scope); !c.ok()) return c.error();
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto name = read_one<std::string>(prepare(db_.get(), "SELECT name FROM replication_groups WHERE id = ?1", group_id),
+                                      [](const Stmt& s) { return s.text(0); }, no_group(group_id));
+    if (!name.ok()) return name.error();
+    auto r = exec(db_.get(),
+                  "INSERT INTO tasks (rule_id, rule_name, group_id, group_name, trigger_kind, status, created_ms, scope) "
+                  "VALUES (NULL, '', ?1, ?2, ?3, 'Queued', ?4, ?5)",
+                  group_id, *name, to_string(trigger), options_.clock(), scope_to_db(scope));
     if (!r.ok()) return r.error();
     const int64_t id = sqlite3_last_insert_rowid(db_.get());
     if (auto c = tx->commit(); !c.ok()) return c.error();
@@ -957,9 +1210,10 @@ Result<TaskPage> Store::list_tasks(const TaskQuery& q) {
                 sql(kTaskColumns,
                     "WHERE (?1 IS NULL OR rule_id = ?1) AND (?2 IS NULL OR status = ?2) "
                     "AND (?3 IS NULL OR created_ms >= ?3) AND (?4 IS NULL OR created_ms < ?4) "
-                    "AND (?5 IS NULL OR id < ?5) ORDER BY id DESC LIMIT ?6 OFFSET ?7"),
+                    "AND (?5 IS NULL OR id < ?5) AND (?8 IS NULL OR group_id = ?8) "
+                    "ORDER BY id DESC LIMIT ?6 OFFSET ?7"),
                 q.rule_id, status, q.created_from, q.created_to, q.cursor, static_cast<int64_t>(q.limit) + 1,
-                static_cast<int64_t>(q.offset)),
+                static_cast<int64_t>(q.offset), q.group_id),
         read_task);
     if (!rows.ok()) return rows.error();
     TaskPage page;
@@ -1010,10 +1264,12 @@ Result<uint64_t> Store::prune_tasks(const Retention& retention) {
         removed += static_cast<uint64_t>(*r);
     }
     if (retention.keep_last_per_rule) {
-        // Tasks of deleted rules (rule_id NULL) are ranked together.
+        // Ranked per rule and per replication group; tasks of deleted rules and groups (both ids
+        // NULL) are ranked together.
         auto r = exec(db_.get(),
                       sql("DELETE FROM tasks WHERE id IN (SELECT id FROM (SELECT id, status, ROW_NUMBER() OVER "
-                          "(PARTITION BY rule_id ORDER BY id DESC) AS rank FROM tasks) WHERE rank > ?1 AND status IN ",
+                          "(PARTITION BY rule_id, group_id ORDER BY id DESC) AS rank FROM tasks) WHERE rank > ?1 "
+                          "AND status IN ",
                           std::string(kTerminalStatuses) + ")"),
                       static_cast<int64_t>(*retention.keep_last_per_rule));
         if (!r.ok()) return r.error();
@@ -1029,12 +1285,12 @@ Result<uint64_t> Store::prune_tasks(const Retention& retention) {
 Status Store::append_items(int64_t task_id, const std::vector<TaskItem>& items) {
     if (items.size() > kMaxItemsPerAppend)
         return err(ErrorKind::invalid, "items: at most " + std::to_string(kMaxItemsPerAppend) + " per call");
-    constexpr size_t kMaxField = 1024;
     for (const auto& i : items) {
         if (i.repository.empty()) return err(ErrorKind::invalid, "items: repository must not be empty");
-        if (i.repository.size() > kMaxField || i.tag.size() > kMaxField || i.digest.size() > kMaxField)
-            return err(ErrorKind::invalid, "items: repository, tag and digest must be at most " + std::to_string(kMaxField) +
-                                               " characters");
+        if (i.repository.size() > kMaxField || i.tag.size() > kMaxField || i.digest.size() > kMaxField ||
+            i.target.size() > kMaxField)
+            return err(ErrorKind::invalid, "items: target, repository, tag and digest must be at most " +
+                                               std::to_string(kMaxField) + " characters");
     }
     auto tx = Transaction::begin(db_.get());
     if (!tx.ok()) return tx.error();
@@ -1045,7 +1301,7 @@ Status Store::append_items(int64_t task_id, const std::vector<TaskItem>& items) 
                                             std::string(to_string(*status)) + "); it takes no more items");
     auto insert = prepare(db_.get(),
                           "INSERT INTO task_items (task_id, repository, tag, digest, action, reason, bytes, "
-                          "duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+                          "duration_ms, target) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
     if (!insert.ok()) return insert.error();
     TaskCounters add;
     for (const auto& i : items) {
@@ -1058,6 +1314,7 @@ Status Store::append_items(int64_t task_id, const std::vector<TaskItem>& items) 
         insert->bind(6, cut(i.reason, kMaxReasonLength));
         insert->bind(7, i.bytes);
         insert->bind(8, i.duration_ms);
+        insert->bind(9, i.target);
         if (auto r = insert->run(); !r.ok()) return r;
         switch (i.action) {
         case ItemAction::copied:
@@ -1067,6 +1324,7 @@ Status Store::append_items(int64_t task_id, const std::vector<TaskItem>& items) 
         case ItemAction::skipped_exists:
         case ItemAction::skipped_same_digest: ++add.skipped; break;
         case ItemAction::failed: ++add.failed; break;
+        case ItemAction::deleted: ++add.copied; break;
         }
     }
     auto r = exec(db_.get(),
@@ -1098,6 +1356,373 @@ Result<ItemPage> Store::list_items(int64_t task_id, const ItemQuery& q) {
         page.next_cursor = page.items.back().id;
     }
     return page;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication groups
+
+namespace {
+
+struct GroupRegistryIds {
+    int64_t primary = 0;
+    std::vector<int64_t> replicas;
+};
+
+// The ids of the group's registries; every name that is not a registry is reported, with its field.
+Result<GroupRegistryIds> resolve_group_registries(sqlite3* db, const ReplicationGroup& g) {
+    auto lookup = [db](const std::string& name) -> Result<std::optional<int64_t>> {
+        auto id = read_one<int64_t>(prepare(db, "SELECT id FROM registries WHERE name = ?1", name),
+                                    [](const Stmt& s) { return s.i64(0); }, "");
+        if (id.ok()) return std::optional<int64_t>(*id);
+        if (kind_of(id.error()) == ErrorKind::not_found) return std::optional<int64_t>();
+        return id.error();
+    };
+    GroupRegistryIds ids;
+    FieldErrors errs;
+    auto primary = lookup(g.primary);
+    if (!primary.ok()) return primary.error();
+    if (*primary) ids.primary = **primary;
+    else errs.push_back({"primary", "no registry named " + quote(g.primary)});
+    for (const auto& name : g.replicas) {
+        auto id = lookup(name);
+        if (!id.ok()) return id.error();
+        if (*id) ids.replicas.push_back(**id);
+        else errs.push_back({"replicas", "no registry named " + quote(name)});
+    }
+    if (!errs.empty()) return invalid(errs);
+    return ids;
+}
+
+Status write_replicas(sqlite3* db, int64_t group_id, const std::vector<int64_t>& replicas) {
+    if (auto r = exec(db, "DELETE FROM replication_replicas WHERE group_id = ?1", group_id); !r.ok()) return r.error();
+    for (size_t i = 0; i < replicas.size(); ++i) {
+        auto r = exec(db, "INSERT INTO replication_replicas (group_id, registry_id, position) VALUES (?1, ?2, ?3)",
+                      group_id, replicas[i], static_cast<int64_t>(i));
+        if (!r.ok()) return r.error();
+    }
+    return netio::ok_status();
+}
+
+// Fills in replicas and replica_ids, in the order they were given; `only` limits the query to one group.
+Status attach_replicas(sqlite3* db, std::vector<ReplicationGroup>& groups, std::optional<int64_t> only) {
+    struct Row {
+        int64_t group_id;
+        int64_t registry_id;
+        std::string name;
+    };
+    auto rows = read_all<Row>(
+        prepare(db,
+                "SELECT rr.group_id, rr.registry_id, r.name FROM replication_replicas rr "
+                "JOIN registries r ON r.id = rr.registry_id WHERE (?1 IS NULL OR rr.group_id = ?1) "
+                "ORDER BY rr.group_id, rr.position",
+                only),
+        [](const Stmt& s) { return Row{s.i64(0), s.i64(1), s.text(2)}; });
+    if (!rows.ok()) return rows.error();
+    for (auto& g : groups) {
+        g.replicas.clear();
+        g.replica_ids.clear();
+    }
+    for (auto& row : *rows) {
+        auto it = std::find_if(groups.begin(), groups.end(), [&](const ReplicationGroup& g) { return g.id == row.group_id; });
+        if (it == groups.end()) continue;
+        it->replicas.push_back(std::move(row.name));
+        it->replica_ids.push_back(row.registry_id);
+    }
+    return netio::ok_status();
+}
+
+Result<ReplicationGroup> read_group_where(sqlite3* db, std::string_view where, const std::string& missing,
+                                          const auto& arg) {
+    auto g = read_one<ReplicationGroup>(prepare(db, sql(kGroupColumns, where), arg), read_group, missing);
+    if (!g.ok()) return g.error();
+    std::vector<ReplicationGroup> one{std::move(*g)};
+    if (auto r = attach_replicas(db, one, one.front().id); !r.ok()) return r.error();
+    return std::move(one.front());
+}
+
+Error group_name_taken(const std::string& name) {
+    return err(ErrorKind::conflict, "a replication group named " + quote(name) + " already exists");
+}
+
+}  // namespace
+
+Result<ReplicationGroup> Store::create_group(const ReplicationGroup& in) {
+    auto checked = check(in);
+    if (!checked.ok()) return invalid(checked.errors);
+    const ReplicationGroup& g = checked.value;
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto ids = resolve_group_registries(db_.get(), g);
+    if (!ids.ok()) return ids.error();
+    const Time now = options_.clock();
+    const auto schedule = Schedule::parse(g.schedule);
+    auto st = prepare(db_.get(),
+                      "INSERT INTO replication_groups (name, primary_registry_id, replicate_deletes, enabled, schedule, "
+                      "next_fire_ms, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                      g.name, ids->primary, g.replicate_deletes, g.enabled, g.schedule, schedule.value.next_after(now),
+                      now);
+    if (!st.ok()) return st.error();
+    if (auto res = st->run(); !res.ok()) {
+        if (is_unique_violation(st->rc())) return group_name_taken(g.name);
+        return res.error();
+    }
+    const int64_t id = sqlite3_last_insert_rowid(db_.get());
+    if (auto r = write_replicas(db_.get(), id, ids->replicas); !r.ok()) return r.error();
+    if (auto r = tx->commit(); !r.ok()) return r.error();
+    return get_group(id);
+}
+
+Result<std::vector<ReplicationGroup>> Store::list_groups() {
+    auto groups = read_all<ReplicationGroup>(prepare(db_.get(), sql(kGroupColumns, "ORDER BY g.name")), read_group);
+    if (!groups.ok()) return groups.error();
+    if (auto r = attach_replicas(db_.get(), *groups, std::nullopt); !r.ok()) return r.error();
+    return groups;
+}
+
+Result<ReplicationGroup> Store::get_group(int64_t id) {
+    return read_group_where(db_.get(), "WHERE g.id = ?1", no_group(id), id);
+}
+
+Result<ReplicationGroup> Store::get_group_by_name(std::string_view name) {
+    return read_group_where(db_.get(), "WHERE g.name = ?1", "no replication group named " + quote(name), name);
+}
+
+Result<ReplicationGroup> Store::update_group(const ReplicationGroup& in) {
+    auto checked = check(in);
+    if (!checked.ok()) return invalid(checked.errors);
+    const ReplicationGroup& g = checked.value;
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto old = get_group(g.id);
+    if (!old.ok()) return old.error();
+    auto ids = resolve_group_registries(db_.get(), g);
+    if (!ids.ok()) return ids.error();
+    const Time now = options_.clock();
+    auto st = prepare(db_.get(),
+                      "UPDATE replication_groups SET name = ?2, primary_registry_id = ?3, replicate_deletes = ?4, "
+                      "enabled = ?5, schedule = ?6, updated_ms = ?7 WHERE id = ?1",
+                      g.id, g.name, ids->primary, g.replicate_deletes, g.enabled, g.schedule, now);
+    if (!st.ok()) return st.error();
+    if (auto res = st->run(); !res.ok()) {
+        if (is_unique_violation(st->rc())) return group_name_taken(g.name);
+        return res.error();
+    }
+    if (auto r = write_replicas(db_.get(), g.id, ids->replicas); !r.ok()) return r.error();
+    // As for rules: a new schedule, or a group enabled again, counts from now.
+    if (old->schedule != g.schedule || (g.enabled && !old->enabled)) {
+        const auto schedule = Schedule::parse(g.schedule);
+        auto r = exec(db_.get(), "UPDATE replication_groups SET next_fire_ms = ?2 WHERE id = ?1", g.id,
+                      schedule.value.next_after(now));
+        if (!r.ok()) return r.error();
+    }
+    if (auto r = tx->commit(); !r.ok()) return r.error();
+    return get_group(g.id);
+}
+
+Result<std::vector<int64_t>> Store::delete_group(int64_t id) {
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto exists = read_one<int64_t>(prepare(db_.get(), "SELECT id FROM replication_groups WHERE id = ?1", id),
+                                    [](const Stmt& s) { return s.i64(0); }, no_group(id));
+    if (!exists.ok()) return exists.error();
+    auto stopped = exec(db_.get(),
+                        "UPDATE tasks SET status = 'Stopped', reason = 'replication group deleted', finished_ms = ?2, "
+                        "cancel_requested = 1 WHERE group_id = ?1 AND status = 'Queued'",
+                        id, options_.clock());
+    if (!stopped.ok()) return stopped.error();
+    auto running = read_all<int64_t>(
+        prepare(db_.get(), "SELECT id FROM tasks WHERE group_id = ?1 AND status = 'InProgress' ORDER BY id", id),
+        [](const Stmt& s) { return s.i64(0); });
+    if (!running.ok()) return running.error();
+    auto flagged = exec(db_.get(),
+                        "UPDATE tasks SET cancel_requested = 1 WHERE group_id = ?1 AND status = 'InProgress'", id);
+    if (!flagged.ok()) return flagged.error();
+    if (auto r = exec(db_.get(), "DELETE FROM replication_groups WHERE id = ?1", id); !r.ok()) return r.error();
+    if (auto r = tx->commit(); !r.ok()) return r.error();
+    return std::move(*running);
+}
+
+Result<std::vector<DueRule>> Store::due_groups(Time now) {
+    return read_all<DueRule>(
+        prepare(db_.get(),
+                "SELECT id, name, next_fire_ms FROM replication_groups WHERE enabled = 1 AND schedule != '' "
+                "AND next_fire_ms IS NOT NULL AND next_fire_ms <= ?1 ORDER BY next_fire_ms, id",
+                now),
+        [](const Stmt& s) { return DueRule{s.i64(0), s.text(1), s.time(2)}; });
+}
+
+Result<std::optional<Time>> Store::record_group_fire(int64_t group_id, Time fired_at) {
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto text = read_one<std::string>(
+        prepare(db_.get(), "SELECT schedule FROM replication_groups WHERE id = ?1", group_id),
+        [](const Stmt& s) { return s.text(0); }, no_group(group_id));
+    if (!text.ok()) return text.error();
+    const auto schedule = Schedule::parse(*text);
+    const std::optional<Time> next =
+        schedule.ok() ? schedule.value.next_after(std::max(fired_at, options_.clock())) : std::nullopt;
+    auto r = exec(db_.get(), "UPDATE replication_groups SET next_fire_ms = ?2, last_fire_ms = ?3 WHERE id = ?1",
+                  group_id, next, fired_at);
+    if (!r.ok()) return r.error();
+    if (auto c = tx->commit(); !c.ok()) return c.error();
+    return next;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook events
+
+namespace {
+
+constexpr size_t kMaxEventIdLength = 4096;  // Harbor's derived ids hold repository, tag and digest
+
+// A list of ids held in one JSON column: ids in `add` not yet in `into` are appended.
+void merge_ids(std::vector<int64_t>& into, const std::vector<int64_t>& add) {
+    for (int64_t id : add)
+        if (std::find(into.begin(), into.end(), id) == into.end()) into.push_back(id);
+}
+
+}  // namespace
+
+Result<std::vector<StoredEvent>> Store::record_events(int64_t registry_id, const std::vector<RegistryEvent>& events) {
+    if (events.size() > kMaxEventsPerRecord)
+        return err(ErrorKind::invalid, "events: at most " + std::to_string(kMaxEventsPerRecord) + " per call, not " +
+                                           std::to_string(events.size()));
+    for (const auto& e : events) {
+        if (e.id.empty()) return err(ErrorKind::invalid, "events: an event id must not be empty");
+        if (e.id.size() > kMaxEventIdLength)
+            return err(ErrorKind::invalid, "events: an event id must be at most " + std::to_string(kMaxEventIdLength) +
+                                               " characters");
+        if (e.repository.empty()) return err(ErrorKind::invalid, "events: repository must not be empty");
+        if (e.repository.size() > kMaxField || e.tag.size() > kMaxField || e.digest.size() > kMaxField)
+            return err(ErrorKind::invalid, "events: repository, tag and digest must be at most " +
+                                               std::to_string(kMaxField) + " characters");
+    }
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    auto name = read_one<std::string>(prepare(db_.get(), "SELECT name FROM registries WHERE id = ?1", registry_id),
+                                      [](const Stmt& s) { return s.text(0); }, no_registry(registry_id));
+    if (!name.ok()) return name.error();
+    // OR IGNORE: the UNIQUE (registry_id, event_id) of a redelivered event skips the row.
+    auto insert = prepare(db_.get(),
+                          "INSERT OR IGNORE INTO events (registry_id, event_id, action, repository, tag, digest, "
+                          "received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+    if (!insert.ok()) return insert.error();
+    const Time now = options_.clock();
+    std::vector<StoredEvent> stored;
+    for (const auto& e : events) {
+        const bool remove = e.action == RegistryEvent::Action::remove;
+        insert->reset();
+        insert->bind(1, registry_id);
+        insert->bind(2, e.id);
+        insert->bind(3, remove ? "delete" : "push");
+        insert->bind(4, e.repository);
+        insert->bind(5, e.tag);
+        insert->bind(6, e.digest);
+        insert->bind(7, now);
+        if (auto r = insert->run(); !r.ok()) return r.error();
+        if (sqlite3_changes64(db_.get()) == 0) continue;  // already stored
+        StoredEvent s;
+        s.id = sqlite3_last_insert_rowid(db_.get());
+        s.registry_id = registry_id;
+        s.registry_name = *name;
+        s.event_id = e.id;
+        s.remove = remove;
+        s.repository = e.repository;
+        s.tag = e.tag;
+        s.digest = e.digest;
+        s.received = now;
+        stored.push_back(std::move(s));
+    }
+    if (auto r = tx->commit(); !r.ok()) return r.error();
+    return stored;
+}
+
+Result<std::vector<StoredEvent>> Store::pending_events(Time received_before, uint32_t limit) {
+    if (limit == 0 || limit > kMaxEventsPerRecord)
+        return err(ErrorKind::invalid, "limit: must be 1 to " + std::to_string(kMaxEventsPerRecord));
+    return read_all<StoredEvent>(
+        prepare(db_.get(),
+                sql(kEventColumns, "WHERE e.processed = 0 AND e.received_ms <= ?1 ORDER BY e.received_ms, e.id LIMIT ?2"),
+                received_before, static_cast<int64_t>(limit)),
+        read_event);
+}
+
+Status Store::mark_events_processed(const std::vector<int64_t>& event_ids, const std::vector<int64_t>& task_ids) {
+    if (event_ids.size() > kMaxEventsPerRecord || task_ids.size() > kMaxEventsPerRecord)
+        return err(ErrorKind::invalid, "events: at most " + std::to_string(kMaxEventsPerRecord) +
+                                           " events and tasks per call");
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    for (int64_t id : event_ids) {
+        auto current = read_one<std::string>(prepare(db_.get(), "SELECT task_ids FROM events WHERE id = ?1", id),
+                                             [](const Stmt& s) { return s.text(0); }, "");
+        if (!current.ok()) {
+            if (kind_of(current.error()) == ErrorKind::not_found) continue;  // pruned meanwhile: nothing to mark
+            return current.error();
+        }
+        std::vector<int64_t> ids = ids_from_db(*current);
+        merge_ids(ids, task_ids);
+        auto r = exec(db_.get(), "UPDATE events SET processed = 1, task_ids = ?2 WHERE id = ?1", id, ids_to_db(ids));
+        if (!r.ok()) return r.error();
+    }
+    return tx->commit();
+}
+
+Result<std::vector<StoredEvent>> Store::list_events(uint32_t limit) {
+    if (limit == 0 || limit > kMaxPageSize)
+        return err(ErrorKind::invalid, "limit: must be 1 to " + std::to_string(kMaxPageSize));
+    return read_all<StoredEvent>(
+        prepare(db_.get(), sql(kEventColumns, "ORDER BY e.id DESC LIMIT ?1"), static_cast<int64_t>(limit)), read_event);
+}
+
+Result<uint64_t> Store::prune_events(Time before) {
+    auto r = exec(db_.get(), "DELETE FROM events WHERE processed = 1 AND received_ms < ?1", before);
+    if (!r.ok()) return r.error();
+    return static_cast<uint64_t>(*r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deliveries
+
+Result<Delivery> Store::add_delivery(int64_t task_id, std::string_view url) {
+    if (url.empty()) return err(ErrorKind::invalid, "url: must not be empty");
+    if (url.size() > kMaxUrlLength)
+        return err(ErrorKind::invalid, "url: must be at most " + std::to_string(kMaxUrlLength) + " characters");
+    auto tx = Transaction::begin(db_.get());
+    if (!tx.ok()) return tx.error();
+    if (auto t = task_status(db_.get(), task_id); !t.ok()) return t.error();
+    auto r = exec(db_.get(), "INSERT INTO deliveries (task_id, url, created_ms) VALUES (?1, ?2, ?3)", task_id, url,
+                  options_.clock());
+    if (!r.ok()) return r.error();
+    const int64_t id = sqlite3_last_insert_rowid(db_.get());
+    if (auto c = tx->commit(); !c.ok()) return c.error();
+    return read_one<Delivery>(prepare(db_.get(), sql(kDeliveryColumns, "WHERE id = ?1"), id), read_delivery,
+                              no_delivery(id));
+}
+
+Status Store::update_delivery(int64_t id, std::string_view status, uint32_t attempts, int last_status,
+                              std::string_view last_error) {
+    if (status != "pending" && status != "delivered" && status != "failed")
+        return err(ErrorKind::invalid, "status: " + quote(status) + " is not one of pending, delivered, failed");
+    const std::optional<Time> finished = status == "pending" ? std::nullopt : std::optional<Time>(options_.clock());
+    auto r = exec(db_.get(),
+                  "UPDATE deliveries SET status = ?2, attempts = ?3, last_status = ?4, last_error = ?5, "
+                  "finished_ms = ?6 WHERE id = ?1",
+                  id, status, static_cast<int64_t>(attempts), last_status, cut(last_error, kMaxReasonLength), finished);
+    if (!r.ok()) return r.error();
+    if (*r == 0) return err(ErrorKind::not_found, no_delivery(id));
+    return netio::ok_status();
+}
+
+Result<std::vector<Delivery>> Store::list_deliveries(int64_t task_id) {
+    if (auto t = task_status(db_.get(), task_id); !t.ok()) return t.error();
+    return read_all<Delivery>(prepare(db_.get(), sql(kDeliveryColumns, "WHERE task_id = ?1 ORDER BY id"), task_id),
+                              read_delivery);
+}
+
+Result<std::vector<Delivery>> Store::pending_deliveries() {
+    return read_all<Delivery>(prepare(db_.get(), sql(kDeliveryColumns, "WHERE status = 'pending' ORDER BY id")),
+                              read_delivery);
 }
 
 // ---------------------------------------------------------------------------------------------

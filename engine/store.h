@@ -1,5 +1,6 @@
-// The sidecar's state: registries, links, rules, task records, task items and schedules in one
-// SQLite database, `<state_dir>/state.db`.
+// The sidecar's state: registries, links, rules, replication groups, task records, task items,
+// schedules, webhook events received and notification deliveries in one SQLite database,
+// `<state_dir>/state.db`.
 //
 // Files: the state dir is created 0700 and state.db 0600; both are tightened on open if an existing
 // one is more permissive (state.db holds registry credentials in the clear, as docker's
@@ -17,8 +18,13 @@
 // API maps to a status (invalid 400, not_found 404, conflict 409, internal 500). Messages of
 // `invalid` errors are FieldErrors joined by describe(): "field: message; ...". File-system errors
 // in open() carry errno (system_category), which kind_of() reports as internal. No message, and no
-// value returned by a list/get, contains a credential: credentials come back only from
-// credentials_for() and rule_target_credentials(), for the code that talks to registries.
+// value returned by a list/get, contains a credential or a webhook secret: they come back only from
+// credentials_for(), rule_target_credentials() and webhook_secret_for(), for the code that talks to
+// registries and checks webhooks.
+//
+// Schema versions: 1 the first; 2 persisted schedules and the cancel flag; 3 webhook secrets, sync
+// on push and notifications of rules, replication groups (replication_groups, replication_replicas),
+// group tasks (tasks.group_id/group_name/scope, task_items.target), events and deliveries.
 //
 // SQL: prepared statements with bound parameters only; no SQL is built from user values.
 //
@@ -93,7 +99,9 @@ struct ItemPage {
 // never removed.
 struct Retention {
     std::optional<uint32_t> older_than_days;     // finished more than N days ago
-    std::optional<uint32_t> keep_last_per_rule;  // beyond the newest N tasks of each rule
+    // Beyond the newest N tasks of each rule and of each replication group (tasks of deleted rules
+    // and groups are ranked together).
+    std::optional<uint32_t> keep_last_per_rule;
 };
 
 struct DueRule {
@@ -135,7 +143,8 @@ public:
     netio::Result<Registry> get_registry(int64_t id);
     netio::Result<Registry> get_registry_by_name(std::string_view name);
     netio::Result<Registry> update_registry(const Registry& r);
-    // Refused (conflict) while a rule uses the registry; the message names the rules.
+    // Refused (conflict) while a rule or a replication group uses the registry (as primary or
+    // replica); the message names them. Its stored events go with it.
     netio::Status remove_registry(int64_t id);
     // The stored credentials (empty if none). Never log or return them to an API client.
     netio::Result<Credentials> credentials_for(int64_t registry_id);
@@ -164,7 +173,8 @@ public:
     // Transitions: Queued -> InProgress (start_task) -> terminal (finish_task); Queued -> terminal
     // too. Any other transition is a conflict.
     netio::Result<TaskRecord> create_task(int64_t rule_id, Trigger trigger);
-    // An event-triggered task limited to `scope` (empty scope = a full scan, as above).
+    // An event-triggered task limited to `scope` (empty scope = a full scan, as above). A scope has
+    // at most kMaxEventsPerRecord artifacts, each with a repository (invalid otherwise).
     netio::Result<TaskRecord> create_task(int64_t rule_id, Trigger trigger, const std::vector<TaskScope>& scope);
     // A replication group's task (rule_id unset, group_id/group_name set).
     netio::Result<TaskRecord> create_group_task(int64_t group_id, Trigger trigger, const std::vector<TaskScope>& scope);
@@ -194,31 +204,42 @@ public:
     netio::Result<ReplicationGroup> get_group_by_name(std::string_view name);
     netio::Result<ReplicationGroup> update_group(const ReplicationGroup& g);
     netio::Result<std::vector<int64_t>> delete_group(int64_t id);
-    // Enabled groups whose reconcile schedule is due, and recording a fire (as for rules).
+    // Enabled groups whose reconcile schedule is due, and recording a fire (as for rules; DueRule's
+    // rule_id and rule_name are the group's). update_group resets the next fire time when the
+    // schedule changes or the group is enabled again.
     netio::Result<std::vector<DueRule>> due_groups(Time now);
     netio::Result<std::optional<Time>> record_group_fire(int64_t group_id, Time fired_at);
 
-    // Webhook events. record_events stores the new ones durably (synchronous=FULL) and returns
-    // them with their ids; events already stored for the registry (same event id) are skipped:
-    // a redelivery is not processed twice. At most kMaxEventsPerRecord per call (invalid beyond).
+    // Webhook events. record_events stores the new ones durably (synchronous=FULL), in one
+    // transaction, and returns them with their ids; events already stored for the registry (same
+    // event id, also twice in one call) are skipped: a redelivery is not processed twice (for as
+    // long as the event is kept, see prune_events). Different registries may use the same ids.
+    // At most kMaxEventsPerRecord per call; an empty id or repository is invalid; an unknown
+    // registry is not_found.
     static constexpr size_t kMaxEventsPerRecord = 10000;
     netio::Result<std::vector<StoredEvent>> record_events(int64_t registry_id, const std::vector<RegistryEvent>& events);
-    // Unprocessed events received at or before `received_before`, oldest first, at most `limit`.
+    // Unprocessed events received at or before `received_before`, oldest first, at most `limit`
+    // (1..kMaxEventsPerRecord).
     netio::Result<std::vector<StoredEvent>> pending_events(Time received_before, uint32_t limit);
-    // Marks events processed and links them to the tasks they triggered (task_ids may be empty).
+    // Marks events processed and links them to the tasks they triggered (task_ids may be empty),
+    // in one transaction. task_ids are added to those an event already has; ids of events that no
+    // longer exist are skipped.
     netio::Status mark_events_processed(const std::vector<int64_t>& event_ids, const std::vector<int64_t>& task_ids);
-    // Newest first, for the API.
+    // Newest first, for the API; limit 1..kMaxPageSize.
     netio::Result<std::vector<StoredEvent>> list_events(uint32_t limit);
     // Events older than `before` that are processed are removed; returns how many.
     netio::Result<uint64_t> prune_events(Time before);
 
-    // Webhook deliveries (notifications out).
+    // Webhook deliveries (notifications out). add_delivery: the task must exist (not_found), the
+    // URL must be non-empty and at most kMaxUrlLength; the delivery starts "pending".
     netio::Result<Delivery> add_delivery(int64_t task_id, std::string_view url);
-    // status: "pending" (will retry), "delivered" or "failed" (given up); sets finished for the last two.
+    // status: "pending" (will retry), "delivered" or "failed" (given up); sets finished for the last
+    // two and clears it for "pending". last_error is cut at kMaxReasonLength.
     netio::Status update_delivery(int64_t id, std::string_view status, uint32_t attempts, int last_status,
                                   std::string_view last_error);
     netio::Result<std::vector<Delivery>> list_deliveries(int64_t task_id);
-    // Pending deliveries (a restart resumes them), oldest first.
+    // Pending deliveries (a restart resumes them), oldest first. Deliveries go with their task
+    // (prune_tasks).
     netio::Result<std::vector<Delivery>> pending_deliveries();
 
     // Schedules. Enabled rules with a schedule whose next fire time is at or before `now`.

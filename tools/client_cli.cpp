@@ -10,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -131,6 +132,8 @@ std::string format_duration_ms(uint64_t ms) {
 
 std::string or_dash(std::string s) { return s.empty() ? "-" : s; }
 std::string yes_no(bool b) { return b ? "yes" : "no"; }
+// "1 artifact", "3 artifacts".
+std::string plural(uint64_t n, const std::string& noun) { return std::to_string(n) + " " + noun + (n == 1 ? "" : "s"); }
 
 // ---------------------------------------------------------------------------------------------
 // Reading the API's JSON leniently: a missing field or one of another type reads as empty.
@@ -159,6 +162,8 @@ uint64_t number(const Json& v) {
 uint64_t number(const Json& o, const std::string& key) { return number(member(o, key)); }
 bool flag(const Json& o, const std::string& key) { return member(o, key) == true; }
 std::string bytes(uint64_t n) { return engine::format_bytes(static_cast<double>(n)); }
+// "sha256:" and 12 hex digits of o's "digest", "-" for none.
+std::string short_digest(const Json& o) { return or_dash(text(o, "digest").substr(0, kDigestColumnChars)); }
 std::string duration(const Json& o, const std::string& key) {
     const Json& v = member(o, key);
     return v.is_number() ? format_duration_ms(number(v)) : "-";
@@ -177,6 +182,12 @@ std::string show_value(std::string_view key, const Json& v) {
             std::snprintf(buf, sizeof buf, "%.1f%%", v.get<double>() * 100);
             return buf;
         }
+    }
+    // A list of names, URLs or ids: "a, b, c" ("-" when empty).
+    if (v.is_array() && std::none_of(v.begin(), v.end(), [](const Json& e) { return e.is_structured(); })) {
+        std::string out;
+        for (const auto& e : v) out += (out.empty() ? "" : ", ") + show_value(key, e);
+        return or_dash(out);
     }
     return v.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
@@ -427,6 +438,25 @@ CLI::Option* text_field(CLI::App* sub, BodyFields& fields, const std::string& fl
     return opt;
 }
 
+// A repeatable flag (one value each time) whose values make one JSON list, which replaces the stored one.
+CLI::Option* list_field(CLI::App* sub, BodyFields& fields, const std::string& flag, const char* key,
+                        std::vector<std::string>& var, const std::string& help) {
+    auto* opt = sub->add_option(flag, var, help)->allow_extra_args(false);
+    fields.add(opt, key, [&var] { return Json(var); });
+    return opt;
+}
+
+// The NAME argument of an add, or the REF argument and --name of an edit.
+void name_or_ref(CLI::App* sub, BodyFields& fields, std::string& name, std::string& ref, bool create,
+                 const std::string& kind) {
+    if (create) {
+        text_field(sub, fields, "name", "name", name, kind + " name: 1-63 of a-z 0-9 . _ -")->required();
+    } else {
+        sub->add_option("ref", ref, kind + " id or name")->required();
+        text_field(sub, fields, "--name", "name", name, "rename the " + kind);
+    }
+}
+
 // `flags` as "--on,!--off"; `--on=false` works too. `invert` sends the opposite (--disabled -> enabled).
 CLI::Option* bool_field(CLI::App* sub, BodyFields& fields, const std::string& flags, const char* key, bool& var,
                         bool invert, const std::string& help) {
@@ -436,14 +466,16 @@ CLI::Option* bool_field(CLI::App* sub, BodyFields& fields, const std::string& fl
 }
 
 // One line from standard input, without its line end, as `docker login --password-stdin` reads it;
-// on a terminal it is asked for without echo.
-std::string read_secret_line(const std::string& flag) {
+// on a terminal it is asked for without echo. `what` names it ("password", "webhook secret").
+std::string read_secret_line(const std::string& flag, const std::string& what) {
     termios saved{};
     const bool quiet = ::isatty(STDIN_FILENO) == 1 && ::tcgetattr(STDIN_FILENO, &saved) == 0;
     if (quiet) {
         termios no_echo = saved;
         no_echo.c_lflag &= ~static_cast<tcflag_t>(ECHO);
-        std::fputs("Password: ", stderr);
+        std::string prompt = what + ": ";
+        prompt[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(prompt[0])));
+        std::fputs(prompt.c_str(), stderr);
         std::fflush(stderr);
         ::tcsetattr(STDIN_FILENO, TCSAFLUSH, &no_echo);
     }
@@ -459,34 +491,53 @@ std::string read_secret_line(const std::string& flag) {
     }
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (too_long) usage_error(flag + ": longer than " + std::to_string(engine::kMaxSecretLength) + " bytes");
-    if (line.empty()) usage_error(flag + ": no password on standard input");
+    if (line.empty()) usage_error(flag + ": no " + what + " on standard input");
     return line;
 }
+
+// --FLAG-stdin and --FLAG: a write-only value read from the first line of standard input, or
+// given on the command line (where other users see it in ps).
+struct SecretFlags {
+    std::string flag;  // "--password", "--webhook-secret", ...
+    std::string what;  // "password", "webhook secret"
+    std::string value;
+    bool from_stdin = false;
+    CLI::Option* stdin_opt = nullptr;
+    CLI::Option* value_opt = nullptr;
+
+    void add_to(CLI::App* sub, std::string flag_name, std::string what_name, const std::string& help) {
+        flag = std::move(flag_name);
+        what = std::move(what_name);
+        stdin_opt =
+            sub->add_flag(flag + "-stdin", from_stdin, "read the " + help + " from the first line of standard input");
+        value_opt = sub->add_option(flag, value,
+                                    "the " + help + " (visible to other users in ps; prefer " + flag + "-stdin)");
+        stdin_opt->excludes(value_opt);
+    }
+    bool given() const { return from_stdin || value_opt->count() > 0; }
+    // Reads standard input for --FLAG-stdin.
+    std::string get() const { return from_stdin ? read_secret_line(flag + "-stdin", what) : value; }
+};
 
 // --[PREFIX]username, --[PREFIX]password-stdin, --[PREFIX]password and, when editing,
 // --remove-[PREFIX]credentials. The API takes the two fields together or not at all.
 struct CredentialFlags {
     std::string prefix;  // "" or "target-"
-    std::string username, password;
-    bool password_stdin = false, remove = false;
+    std::string username;
+    SecretFlags password;
+    bool remove = false;
     CLI::Option* username_opt = nullptr;
-    CLI::Option* password_opt = nullptr;
 
     void add_to(CLI::App* sub, bool editing) {
         const std::string p = "--" + prefix;
         username_opt = sub->add_option(p + "username", username,
                                        "user name for the password (without one, the password is a token)");
-        auto* from_stdin = sub->add_flag(p + "password-stdin", password_stdin,
-                                         "read the password or token from the first line of standard input");
-        password_opt =
-            sub->add_option(p + "password", password,
-                            "the password or token (visible to other users in ps; prefer " + p + "password-stdin)");
-        from_stdin->excludes(password_opt);
+        password.add_to(sub, p + "password", "password", "password or token");
         if (editing)
             sub->add_flag("--remove-" + prefix + "credentials", remove, "forget the stored credentials")
                 ->excludes(username_opt)
-                ->excludes(from_stdin)
-                ->excludes(password_opt);
+                ->excludes(password.stdin_opt)
+                ->excludes(password.value_opt);
     }
 
     // Adds "[target_]username" and "[target_]password" to `body` when the flags give credentials.
@@ -498,14 +549,37 @@ struct CredentialFlags {
             body[key + "password"] = "";
             return;
         }
-        if (!password_stdin && password_opt->count() == 0) {
+        if (!password.given()) {
             if (username_opt->count() > 0)
                 usage_error("--" + prefix + "username needs --" + prefix + "password-stdin (or --" + prefix +
                             "password)");
             return;
         }
         body[key + "username"] = username;  // "" with a token
-        body[key + "password"] = password_stdin ? read_secret_line("--" + prefix + "password-stdin") : password;
+        body[key + "password"] = password.get();
+    }
+};
+
+// --webhook-secret-stdin, --webhook-secret and, when editing, --remove-webhook-secret: the secret a
+// registry's webhooks must carry. Standard input holds one line, so not with --password-stdin.
+struct WebhookSecretFlags {
+    SecretFlags secret;
+    bool remove = false;
+
+    void add_to(CLI::App* sub, bool editing, const CredentialFlags& creds) {
+        secret.add_to(sub, "--webhook-secret", "webhook secret",
+                      "secret this registry's webhooks carry in their Authorization header");
+        secret.stdin_opt->excludes(creds.password.stdin_opt);
+        if (editing)
+            sub->add_flag("--remove-webhook-secret", remove, "forget the stored webhook secret")
+                ->excludes(secret.stdin_opt)
+                ->excludes(secret.value_opt);
+    }
+
+    // Adds "webhook_secret" to `body` when the flags give one ("" removes it).
+    void put(Json& body) const {
+        if (remove) body["webhook_secret"] = "";
+        else if (secret.given()) body["webhook_secret"] = secret.get();
     }
 };
 
@@ -518,19 +592,45 @@ struct Ctx {
 };
 using Action = std::function<int(Ctx&)>;
 
+// The arguments of add/update/edit commands; body() is the request's body (reading standard input
+// for a --*-stdin flag).
 struct RegistryArgs {
     std::string ref, name, url, region, ca_file;
     bool insecure = false;
     CredentialFlags creds;
+    WebhookSecretFlags webhook;
     BodyFields fields;
+
+    Json body() const {
+        Json body = fields.given();
+        creds.put(body);
+        webhook.put(body);
+        return body;
+    }
 };
 
 struct RuleArgs {
     std::string ref, name, description, source_registry, source_namespace, repo_filter, tag_filter, type,
-        target_registry, target_namespace, schedule;
-    bool overwrite = false, disabled = false;
+        target_registry, target_namespace, schedule, notify_on;
+    std::vector<std::string> notify_urls;
+    bool overwrite = false, disabled = false, sync_on_push = false, clear_notify_urls = false;
     CredentialFlags creds{"target-"};
     BodyFields fields;
+
+    Json body() const {
+        Json body = fields.given();
+        creds.put(body);
+        return body;
+    }
+};
+
+struct GroupArgs {
+    std::string ref, name, primary, schedule;
+    std::vector<std::string> replicas;
+    bool replicate_deletes = false, disabled = false;
+    BodyFields fields;
+
+    Json body() const { return fields.given(); }
 };
 
 struct WatchArgs {
@@ -540,21 +640,18 @@ struct WatchArgs {
 };
 
 struct TaskListArgs {
-    std::string rule, status, since, until;
+    std::string rule, group, status, since, until;
     size_t limit = 0;  // 0 = the API's default (or kPageLimit with --all)
     bool all = false;
 };
 
-// When a rule runs next by its schedule: "" for none, and for a disabled rule (the API still
-// computes next_fire for one, but it will not run).
+// When a rule or a replication group runs next by its schedule: "" for none, and for a disabled one
+// (the API still computes next_fire for it, but it will not run).
 std::string next_run(const Json& rule) { return flag(rule, "enabled") ? text(rule, "next_fire") : ""; }
 
-// POSTs a new registry or rule, or PATCHes the one `ref` names, with the fields whose flags were
-// given; prints what the API stored.
-int save(Ctx& c, const char* kind, const char* collection, const std::string* ref, const BodyFields& fields,
-         const CredentialFlags& creds) {
-    Json body = fields.given();
-    creds.put(body);
+// POSTs a new registry, rule or replication group, or PATCHes the one `ref` names, with `body` (the
+// fields whose flags were given); prints what the API stored.
+int save(Ctx& c, const std::string& kind, const char* collection, const std::string* ref, const Json& body) {
     if (ref && body.empty()) usage_error("nothing to change: give the flags of the fields to change");
     const Reply r = ref ? c.api.call("PATCH", api_path({collection, *ref}), &body)
                         : c.api.call("POST", api_path({collection}), &body);
@@ -562,7 +659,7 @@ int save(Ctx& c, const char* kind, const char* collection, const std::string* re
         print_json(r.body);
         return kExitOk;
     }
-    std::string line = std::string(kind) + " " + text(r.body, "name") + (ref ? " updated" : " added") + " (id " +
+    std::string line = kind + " " + text(r.body, "name") + (ref ? " updated" : " added") + " (id " +
                        text(r.body, "id") + ")";
     if (const std::string next = next_run(r.body); !next.empty()) line += ", next run " + next;
     std::printf("%s\n", printable(line).c_str());
@@ -582,28 +679,26 @@ int remove_one(Ctx& c, const std::string& path, const std::string& what) {
     return kExitOk;
 }
 
+// A table's rows, one per entry of a JSON list (none if it is not one).
+std::vector<Row> rows_of(const Json& list, const std::function<Row(const Json&)>& row) {
+    std::vector<Row> rows;
+    if (list.is_array())
+        for (const auto& entry : list) rows.push_back(row(entry));
+    return rows;
+}
+
 // A list as a table, or with --json as the API's list object.
 int print_list(Ctx& c, const Json& list, const std::string& key, const Row& header,
                const std::function<Row(const Json&)>& row) {
-    if (c.json) {
-        print_json(list);
-        return kExitOk;
-    }
-    std::vector<Row> rows;
-    for (const auto& entry : member(list, key)) rows.push_back(row(entry));
-    print_table(header, rows);
+    if (c.json) print_json(list);
+    else print_table(header, rows_of(member(list, key), row));
     return kExitOk;
 }
 
 // ---- registries ----
 
 void add_registry_flags(CLI::App* sub, RegistryArgs& a, bool create) {
-    if (create) {
-        text_field(sub, a.fields, "name", "name", a.name, "registry name: 1-63 of a-z 0-9 . _ -")->required();
-    } else {
-        sub->add_option("ref", a.ref, "registry id or name")->required();
-        text_field(sub, a.fields, "--name", "name", a.name, "rename the registry");
-    }
+    name_or_ref(sub, a.fields, a.name, a.ref, create, "registry");
     auto* url = text_field(sub, a.fields, "--url", "url", a.url, "scheme://host[:port], http or https");
     if (create) url->required();
     text_field(sub, a.fields, "--region", "region", a.region, "region for bandwidth caps (crossdock link set)");
@@ -615,19 +710,26 @@ void add_registry_flags(CLI::App* sub, RegistryArgs& a, bool create) {
         return Json(a.ca_file.empty() ? "" : std::filesystem::absolute(a.ca_file).lexically_normal().string());
     });
     a.creds.add_to(sub, !create);
+    a.webhook.add_to(sub, !create, a.creds);
 }
 
-// GET /v1/COLLECTION (registries, rules, links: one page, under the collection's name) as print_list.
+// GET /v1/COLLECTION (registries, rules, replications, links: one page, under the collection's name)
+// as print_list.
 int list_collection(Ctx& c, const std::string& collection, const Row& header,
                     const std::function<Row(const Json&)>& row) {
     return print_list(c, get_list(c.api, api_path({collection}), {}, collection, false), collection, header, row);
 }
 
 int registry_ls(Ctx& c) {
-    return list_collection(c, "registries", {"NAME", "URL", "REGION", "INSECURE", "CREDENTIALS"}, [](const Json& r) {
-        return Row{text(r, "name"), text(r, "url"), or_dash(text(r, "region")), yes_no(flag(r, "insecure")),
-                   yes_no(flag(r, "has_credentials"))};
-    });
+    return list_collection(c, "registries", {"NAME", "URL", "REGION", "INSECURE", "CREDENTIALS", "WEBHOOK"},
+                           [](const Json& r) {
+                               return Row{text(r, "name"),
+                                          text(r, "url"),
+                                          or_dash(text(r, "region")),
+                                          yes_no(flag(r, "insecure")),
+                                          yes_no(flag(r, "has_credentials")),
+                                          yes_no(flag(r, "has_webhook_secret"))};
+                           });
 }
 
 // ---- rules ----
@@ -636,12 +738,7 @@ void add_rule_flags(CLI::App* sub, RuleArgs& a, bool create) {
     auto required_to_add = [create](CLI::Option* opt) {
         if (create) opt->required();
     };
-    if (create) {
-        text_field(sub, a.fields, "name", "name", a.name, "rule name: 1-63 of a-z 0-9 . _ -")->required();
-    } else {
-        sub->add_option("ref", a.ref, "rule id or name")->required();
-        text_field(sub, a.fields, "--name", "name", a.name, "rename the rule");
-    }
+    name_or_ref(sub, a.fields, a.name, a.ref, create, "rule");
     required_to_add(text_field(sub, a.fields, "--source-registry", "source_registry", a.source_registry,
                                "registry to copy from (its name)"));
     required_to_add(text_field(sub, a.fields, "--source-namespace", "source_namespace", a.source_namespace,
@@ -662,6 +759,20 @@ void add_rule_flags(CLI::App* sub, RuleArgs& a, bool create) {
                "keep the rule from running (--enabled or --disabled=false: let it run)");
     text_field(sub, a.fields, "--schedule", "schedule", a.schedule,
                "interval (30m, 2h, 1d), 5-field cron in UTC, or @daily, @hourly...; \"\" = manual only");
+    bool_field(sub, a.fields, "--sync-on-push,!--no-sync-on-push", "sync_on_push", a.sync_on_push, false,
+               "copy what is pushed to the source as its webhooks announce it, and reconcile periodically");
+    auto* urls = list_field(sub, a.fields, "--notify-url", "notify_urls", a.notify_urls,
+                            "POST a JSON summary to this http(s) URL when a task of the rule ends; repeat for "
+                            "several (at most 10)" +
+                                std::string(create ? "" : "; replaces the rule's list"));
+    if (!create) {
+        auto* clear = sub->add_flag("--clear-notify-urls", a.clear_notify_urls, "remove every notify URL");
+        clear->disable_flag_override()->excludes(urls);
+        a.fields.add(clear, "notify_urls", [] { return Json::array(); });
+    }
+    text_field(sub, a.fields, "--notify-on", "notify_on", a.notify_on,
+               "when to notify: always (default), failure (Failed, PartiallyFailed) or success")
+        ->check(CLI::IsMember({"always", "failure", "success"}));
     text_field(sub, a.fields, "--description", "description", a.description, "free text");
 }
 
@@ -678,7 +789,7 @@ std::string rule_filters(const Json& r) {
 
 int rule_ls(Ctx& c) {
     return list_collection(
-        c, "rules", {"NAME", "SOURCE", "TARGET", "FILTERS", "SCHEDULE", "ENABLED", "NEXT"}, [](const Json& r) {
+        c, "rules", {"NAME", "SOURCE", "TARGET", "FILTERS", "SCHEDULE", "PUSH", "ENABLED", "NEXT"}, [](const Json& r) {
             const std::string source_ns = text(r, "source_namespace");
             const std::string target_ns = text(r, "target_namespace");
             return Row{text(r, "name"),
@@ -686,18 +797,20 @@ int rule_ls(Ctx& c) {
                        text(r, "target_registry") + "/" + (target_ns.empty() ? source_ns : target_ns),
                        rule_filters(r),
                        or_dash(text(r, "schedule")),
+                       yes_no(flag(r, "sync_on_push")),
                        yes_no(flag(r, "enabled")),
                        or_dash(next_run(r))};
         });
 }
 
-int rule_switch(Ctx& c, const std::string& ref, const char* action) {
-    const Reply r = c.api.call("POST", api_path({"rules", ref, action}));
+// POST /v1/COLLECTION/REF/enable|disable of a rule or a replication group (`kind` names it).
+int set_enabled(Ctx& c, const std::string& kind, const char* collection, const std::string& ref, const char* action) {
+    const Reply r = c.api.call("POST", api_path({collection, ref, action}));
     if (c.json) {
         print_json(r.body);
         return kExitOk;
     }
-    std::string line = "rule " + text(r.body, "name") + (flag(r.body, "enabled") ? " enabled" : " disabled");
+    std::string line = kind + " " + text(r.body, "name") + (flag(r.body, "enabled") ? " enabled" : " disabled");
     if (const std::string next = next_run(r.body); !next.empty()) line += ", next run " + next;
     std::printf("%s\n", printable(line).c_str());
     return kExitOk;
@@ -847,8 +960,10 @@ void add_watch_flags(CLI::App* sub, WatchArgs& w) {
         ->check(CLI::Range(1u, 7u * 86400u));
 }
 
-int rule_trigger(Ctx& c, const std::string& ref, bool watch, WatchArgs w) {
-    const Reply r = c.api.call("POST", api_path({"rules", ref, "trigger"}));
+// POST to a rule's or a replication group's trigger `path`: the queued task, then with `watch` its
+// progress as `task watch` shows it.
+int trigger(Ctx& c, const std::string& path, bool watch, WatchArgs w) {
+    const Reply r = c.api.call("POST", path);
     const Json& id = member(r.body, "id");
     if (!id.is_number_integer()) failed("unexpected answer to the trigger: no task id");
     w.id = id.get<int64_t>();
@@ -861,6 +976,7 @@ int rule_trigger(Ctx& c, const std::string& ref, bool watch, WatchArgs w) {
 int task_ls(Ctx& c, const TaskListArgs& a) {
     Params params;
     for (const auto& [key, value] : {std::pair<const char*, const std::string*>{"rule", &a.rule},
+                                     {"group", &a.group},
                                      {"status", &a.status},
                                      {"since", &a.since},
                                      {"until", &a.until}})
@@ -873,8 +989,9 @@ int task_ls(Ctx& c, const TaskListArgs& a) {
                    [](const Json& t) {
                        std::string status = text(t, "status");
                        if (flag(t, "cancel_requested") && !is_terminal(t)) status += " (cancelling)";
+                       const std::string group = text(t, "group_name");
                        return Row{text(t, "id"),
-                                  or_dash(text(t, "rule_name")),
+                                  group.empty() ? or_dash(text(t, "rule_name")) : "group:" + group,
                                   text(t, "trigger"),
                                   status,
                                   text(t, "created"),
@@ -889,15 +1006,54 @@ int task_ls(Ctx& c, const TaskListArgs& a) {
     return rc;
 }
 
+// "repo:tag", or "repo@digest" for an artifact named by digest only; " (delete)" for a delete.
+std::string scope_entry(const Json& s) {
+    const std::string tag = text(s, "tag");
+    return text(s, "repository") + (tag.empty() ? "@" + text(s, "digest") : ":" + tag) +
+           (flag(s, "remove") ? " (delete)" : "");
+}
+
+// The task's fields, the artifacts it is limited to, and its notifications out. --json: the task's
+// object with its "deliveries" list added.
+int task_show(Ctx& c, int64_t id) {
+    const std::string path = api_path({"tasks", std::to_string(id)});
+    Json t = c.api.call("GET", path).body;
+    if (!t.is_object()) failed("unexpected answer to GET " + path + ": not an object");
+    Json deliveries = std::move(get_list(c.api, path + "/deliveries", {}, "deliveries", false)["deliveries"]);
+    if (c.json) {
+        t["deliveries"] = std::move(deliveries);
+        print_json(t);
+        return kExitOk;
+    }
+    const Json scope = member(t, "scope");
+    if (scope.is_array())
+        t["scope"] = scope.empty() ? "full scan" : plural(scope.size(), "artifact") + " (below)";
+    print_fields(t);
+    if (scope.is_array() && !scope.empty()) {
+        std::printf("\nscope:\n");
+        for (const auto& s : scope) std::printf("  %s\n", printable(scope_entry(s)).c_str());
+    }
+    if (!deliveries.empty()) {
+        std::printf("\ndeliveries:\n");
+        print_table({"URL", "STATUS", "ATTEMPTS", "LAST_ERROR"}, rows_of(deliveries, [](const Json& d) {
+                        return Row{text(d, "url"), text(d, "status"), std::to_string(number(d, "attempts")),
+                                   or_dash(text(d, "last_error"))};
+                    }));
+    }
+    return kExitOk;
+}
+
 int task_logs(Ctx& c, int64_t id, const std::string& action) {
     Params params{{"limit", std::to_string(kPageLimit)}};
     if (!action.empty()) params.emplace_back("action", action);
     const Json list = get_list(c.api, api_path({"tasks", std::to_string(id), "items"}), params, "items", true);
-    return print_list(c, list, "items", {"REPOSITORY", "TAG", "DIGEST", "ACTION", "BYTES", "DURATION", "REASON"},
+    return print_list(c, list, "items",
+                      {"TARGET", "REPOSITORY", "TAG", "DIGEST", "ACTION", "BYTES", "DURATION", "REASON"},
                       [](const Json& i) {
-                          return Row{text(i, "repository"),
+                          return Row{or_dash(text(i, "target")),
+                                     text(i, "repository"),
                                      text(i, "tag"),
-                                     text(i, "digest").substr(0, kDigestColumnChars),
+                                     short_digest(i),
                                      text(i, "action"),
                                      bytes(number(i, "bytes")),
                                      duration(i, "duration_ms"),
@@ -951,6 +1107,136 @@ int link_ls(Ctx& c) {
     });
 }
 
+// ---- replication groups ----
+
+void add_group_flags(CLI::App* sub, GroupArgs& a, bool create) {
+    name_or_ref(sub, a.fields, a.name, a.ref, create, "replication group");
+    auto* primary = text_field(sub, a.fields, "--primary", "primary", a.primary,
+                               "registry that images are pushed to (its name)");
+    auto* replicas = list_field(sub, a.fields, "--replica", "replicas", a.replicas,
+                                "registry that gets a copy of everything on the primary (its name); repeat for "
+                                "several (at most 16)" +
+                                    std::string(create ? "" : "; replaces the group's list"));
+    if (create) {
+        primary->required();
+        replicas->required();
+    }
+    bool_field(sub, a.fields, "--replicate-deletes,!--no-replicate-deletes", "replicate_deletes", a.replicate_deletes,
+               false, "delete from the replicas a tag deleted on the primary");
+    text_field(sub, a.fields, "--schedule", "schedule", a.schedule,
+               "full reconcile scan: interval (30m, 2h, 1d), 5-field cron in UTC, or @daily, @hourly...; \"\" = "
+               "events only" +
+                   std::string(create ? " (default 1h)" : ""));
+    bool_field(sub, a.fields, "--disabled,!--enabled", "enabled", a.disabled, true,
+               "keep the group from replicating (--enabled or --disabled=false: let it)");
+}
+
+int replication_ls(Ctx& c) {
+    return list_collection(c, "replications", {"NAME", "PRIMARY", "REPLICAS", "DELETES", "SCHEDULE", "ENABLED"},
+                           [](const Json& g) {
+                               return Row{text(g, "name"),
+                                          text(g, "primary"),
+                                          show_value("replicas", member(g, "replicas")),
+                                          yes_no(flag(g, "replicate_deletes")),
+                                          or_dash(text(g, "schedule")),
+                                          yes_no(flag(g, "enabled"))};
+                           });
+}
+
+// What a Lagging replica waits for ("3 artifacts, 12.0 MiB"); "-" in any other state.
+std::string replica_behind(const Json& r) {
+    if (text(r, "state") != "Lagging") return "-";
+    std::string out;
+    if (const uint64_t n = number(r, "artifacts_behind"); n > 0) out = plural(n, "artifact") + ", ";
+    if (flag(r, "full_scan_pending")) out += "full scan pending, ";
+    return out + bytes(number(r, "bytes_behind"));
+}
+
+// The replica's last error, after how many artifacts failed for it in the last task.
+std::string replica_error(const Json& r) {
+    const std::string error = text(r, "last_error");
+    const uint64_t failed = number(r, "failed_artifacts");
+    if (error.empty()) return "-";
+    return failed > 0 ? plural(failed, "failed artifact") + ", last: " + error : error;
+}
+
+// Per replica: its state, what it lags by, the group's last finished task and the replica's error
+// in it; then the group's recent tasks.
+int replication_status(Ctx& c, const std::string& ref) {
+    const Json s = c.api.call("GET", api_path({"replications", ref, "status"})).body;
+    print_list(c, s, "replicas", {"REPLICA", "STATE", "BEHIND", "LAST", "ERROR"}, [](const Json& r) {
+        const Json& last = member(r, "last_task");
+        return Row{text(r, "registry"), text(r, "state"), replica_behind(r),
+                   last.is_object() ? "#" + text(last, "id") + " " + text(last, "status") : "-", replica_error(r)};
+    });
+    if (c.json) return kExitOk;
+    const Json& tasks = member(s, "tasks");
+    if (!tasks.is_array() || tasks.empty()) {
+        std::printf("\nrecent tasks: none\n");
+        return kExitOk;
+    }
+    std::printf("\nrecent tasks:\n");
+    print_table({"ID", "TRIGGER", "STATUS", "CREATED", "FINISHED", "COPIED", "FAILED", "BYTES"},
+                rows_of(tasks, [](const Json& t) {
+                    return Row{text(t, "id"),
+                               text(t, "trigger"),
+                               text(t, "status"),
+                               text(t, "created"),
+                               or_dash(text(t, "finished")),
+                               std::to_string(number(t, "copied")),
+                               std::to_string(number(t, "failed")),
+                               bytes(number(t, "bytes"))};
+                }));
+    return kExitOk;
+}
+
+// Which registries of the group hold IMAGE, by digest, as the daemon asks them now. Exit 0 if every
+// replica holds the primary's digest, 1 otherwise (with --json too).
+int replication_where(Ctx& c, const std::string& ref, const std::string& image) {
+    const Json w = c.api.call("GET", with_query(api_path({"replications", ref, "where"}), {{"image", image}})).body;
+    const Json& replicas = member(w, "replicas");
+    const bool in_sync = replicas.is_array() && std::all_of(replicas.begin(), replicas.end(), [](const Json& r) {
+                             return flag(r, "same_as_primary");
+                         });
+    if (c.json) {
+        print_json(w);
+        return in_sync ? kExitOk : kExitFailed;
+    }
+    // An error, a missing manifest, or `found` (what a registry holding one is).
+    const auto status = [](const Json& r, const std::string& found) {
+        if (const std::string error = text(r, "error"); !error.empty()) return "error: " + error;
+        return member(r, "digest").is_string() ? found : "missing";
+    };
+    std::vector<Row> rows = rows_of(replicas, [&status](const Json& r) {
+        return Row{text(r, "registry"), "replica", short_digest(r),
+                   status(r, flag(r, "same_as_primary") ? "in sync" : "different digest")};
+    });
+    const Json& primary = member(w, "primary");
+    rows.insert(rows.begin(),
+                {text(primary, "registry"), "primary", short_digest(primary), status(primary, "primary")});
+    print_table({"REGISTRY", "ROLE", "DIGEST", "STATUS"}, rows);
+    return in_sync ? kExitOk : kExitFailed;
+}
+
+// ---- webhook events ----
+
+int event_ls(Ctx& c, size_t limit) {
+    Params params;
+    if (limit > 0) params.emplace_back("limit", std::to_string(limit));
+    return print_list(c, get_list(c.api, api_path({"events"}), params, "events", false), "events",
+                      {"RECEIVED", "REGISTRY", "ACTION", "REPOSITORY", "TAG", "DIGEST", "PROCESSED", "TASKS"},
+                      [](const Json& e) {
+                          return Row{text(e, "received"),
+                                     text(e, "registry"),
+                                     text(e, "action"),
+                                     text(e, "repository"),
+                                     or_dash(text(e, "tag")),
+                                     short_digest(e),
+                                     yes_no(flag(e, "processed")),
+                                     show_value("task_ids", member(e, "task_ids"))};
+                      });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -992,24 +1278,67 @@ ClientCommands add_client_commands(CLI::App& app) {
         return g;
     };
 
-    // Commands of one group that take a REF (registry or rule) or a task ID share its storage:
-    // only one command is parsed.
+    // Commands of one group that take a REF (registry, rule or replication group) or a task ID share
+    // its storage: only one command is parsed.
     auto ref = std::make_shared<std::string>();
     auto id = std::make_shared<int64_t>(0);
-    auto with_ref = [&ref](CLI::App* sub, const char* what) {
-        sub->add_option("ref", *ref, std::string(what) + " id or name")->required();
+    auto with_ref = [&ref](CLI::App* sub, const std::string& kind) {
+        sub->add_option("ref", *ref, kind + " id or name")->required();
         return sub;
     };
     auto with_id = [&id](CLI::App* sub) {
         sub->add_option("id", *id, "task id")->required();
         return sub;
     };
+    auto trigger_watch = std::make_shared<bool>(false);
+    auto watch = std::make_shared<WatchArgs>();
+    // The commands of rules and of replication groups: ADD (with `Args` and its flags), edit, ls,
+    // show, enable, disable, rm and trigger.
+    auto add_runnable = [&]<class Args>(CLI::App* g, const char* collection, const std::string& kind, const char* add,
+                                        void (*add_flags)(CLI::App*, Args&, bool), Action ls,
+                                        const std::string& rm_help, const std::string& trigger_help) {
+        for (bool create : {true, false}) {
+            auto a = std::make_shared<Args>();
+            auto save_it = [a, create, kind, collection](Ctx& c) {
+                return save(c, kind, collection, create ? nullptr : &a->ref, a->body());
+            };
+            add_flags(st->add(g, create ? add : "edit",
+                              create ? "Add a " + kind : "Change a " + kind + " (only the fields given)", save_it),
+                      *a, create);
+        }
+        st->add(g, "ls", "List " + kind + "s", std::move(ls));
+        with_ref(st->add(g, "show", "Show a " + kind,
+                         [ref, collection](Ctx& c) {
+                             return show(c, api_path({collection, *ref}));
+                         }),
+                 kind);
+        for (const auto& [action, verb] : {std::pair{"enable", "Enable"}, {"disable", "Disable"}})
+            with_ref(st->add(g, action, verb + (" a " + kind),
+                             [ref, kind, collection, action](Ctx& c) {
+                                 return set_enabled(c, kind, collection, *ref, action);
+                             }),
+                     kind);
+        with_ref(st->add(g, "rm", rm_help,
+                         [ref, kind, collection](Ctx& c) {
+                             return remove_one(c, api_path({collection, *ref}), kind + " " + *ref);
+                         }),
+                 kind);
+        auto* trigger_cmd = with_ref(st->add(g, "trigger", trigger_help,
+                                             [ref, collection, trigger_watch, watch](Ctx& c) {
+                                                 return trigger(c, api_path({collection, *ref, "trigger"}),
+                                                                *trigger_watch, *watch);
+                                             }),
+                                     kind);
+        trigger_cmd->add_flag("--watch", *trigger_watch,
+                              "then show the task's progress as `crossdock task watch` does");
+        add_watch_flags(trigger_cmd, *watch);
+    };
 
     auto* registry = group("registry", "Registries known to the crossdock daemon");
     for (bool create : {true, false}) {
         auto a = std::make_shared<RegistryArgs>();
         auto save_registry = [a, create](Ctx& c) {
-            return save(c, "registry", "registries", create ? nullptr : &a->ref, a->fields, a->creds);
+            return save(c, "registry", "registries", create ? nullptr : &a->ref, a->body());
         };
         add_registry_flags(
             st->add(registry, create ? "add" : "update",
@@ -1022,61 +1351,48 @@ ClientCommands add_client_commands(CLI::App& app) {
                          return show(c, api_path({"registries", *ref}));
                      }),
              "registry");
-    with_ref(st->add(registry, "rm", "Remove a registry (refused while a rule uses it)",
+    with_ref(st->add(registry, "rm", "Remove a registry (refused while a rule or a replication group uses it)",
                      [ref](Ctx& c) {
                          return remove_one(c, api_path({"registries", *ref}), "registry " + *ref);
                      }),
              "registry");
 
-    auto* rule = group("rule", "Replication rules of the crossdock daemon");
-    for (bool create : {true, false}) {
-        auto a = std::make_shared<RuleArgs>();
-        auto save_rule = [a, create](Ctx& c) {
-            return save(c, "rule", "rules", create ? nullptr : &a->ref, a->fields, a->creds);
-        };
-        add_rule_flags(st->add(rule, create ? "add" : "edit",
-                               create ? "Add a replication rule" : "Change a rule (only the fields given)", save_rule),
-                       *a, create);
-    }
-    st->add(rule, "ls", "List rules", rule_ls);
-    with_ref(st->add(rule, "show", "Show a rule",
-                     [ref](Ctx& c) {
-                         return show(c, api_path({"rules", *ref}));
-                     }),
-             "rule");
-    with_ref(st->add(rule, "enable", "Enable a rule", [ref](Ctx& c) { return rule_switch(c, *ref, "enable"); }),
-             "rule");
-    with_ref(st->add(rule, "disable", "Disable a rule", [ref](Ctx& c) { return rule_switch(c, *ref, "disable"); }),
-             "rule");
-    with_ref(st->add(rule, "rm", "Remove a rule (its queued tasks stop, running ones are asked to)",
-                     [ref](Ctx& c) {
-                         return remove_one(c, api_path({"rules", *ref}), "rule " + *ref);
-                     }),
-             "rule");
-    auto trigger_watch = std::make_shared<bool>(false);
-    auto watch = std::make_shared<WatchArgs>();
-    auto* trigger =
-        with_ref(st->add(rule, "trigger", "Queue a run of a rule now",
-                         [ref, trigger_watch, watch](Ctx& c) { return rule_trigger(c, *ref, *trigger_watch, *watch); }),
-                 "rule");
-    trigger->add_flag("--watch", *trigger_watch, "then show the task's progress as `crossdock task watch` does");
-    add_watch_flags(trigger, *watch);
+    add_runnable(group("rule", "Replication rules of the crossdock daemon"), "rules", "rule", "add",
+                 &add_rule_flags, rule_ls, "Remove a rule (its queued tasks stop, running ones are asked to)",
+                 "Queue a run of a rule now");
 
-    auto* task = group("task", "Runs of rules and what they copied");
+    auto* replication = group("replication", "Replication groups: push once to the primary, pull in every replica");
+    add_runnable(replication, "replications", "replication group", "create", &add_group_flags,
+                 replication_ls, "Remove a replication group (its queued tasks stop, running ones are asked to)",
+                 "Queue a full reconcile scan of a replication group now");
+    with_ref(st->add(replication, "status",
+                     "Each replica's state (InSync, Lagging, Failing, Unknown), and the group's recent tasks",
+                     [ref](Ctx& c) { return replication_status(c, *ref); }),
+             "replication group");
+    auto image = std::make_shared<std::string>();
+    with_ref(st->add(replication, "where",
+                     "Which registries of a group hold an image, by digest (asked now); exit 0 if every replica "
+                     "holds the primary's digest, 1 otherwise",
+                     [ref, image](Ctx& c) { return replication_where(c, *ref, *image); }),
+             "replication group")
+        ->add_option("image", *image, "REPOSITORY:TAG or REPOSITORY@DIGEST (without the registry host)")
+        ->required();
+
+    auto* task = group("task", "Runs of rules and replication groups, and what they copied");
     auto list = std::make_shared<TaskListArgs>();
     auto* ls = st->add(task, "ls", "List tasks, newest first", [list](Ctx& c) { return task_ls(c, *list); });
     ls->add_option("--rule", list->rule, "only this rule's (id or name)");
+    ls->add_option("--group", list->group, "only this replication group's (id or name)");
     ls->add_option("--status", list->status, "Queued, InProgress, Succeeded, PartiallyFailed, Failed or Stopped");
     ls->add_option("--since", list->since, "created at or after this RFC 3339 time, e.g. 2024-05-01T12:00:00Z");
     ls->add_option("--until", list->until, "created before this RFC 3339 time");
     ls->add_option("--limit", list->limit, "tasks per page (the API's default: 50)")
         ->check(CLI::Range(size_t{1}, kPageLimit));
     ls->add_flag("--all", list->all, "follow next_cursor through every page");
-    with_id(st->add(task, "show", "Show a task", [id](Ctx& c) {
-        return show(c, api_path({"tasks", std::to_string(*id)}));
-    }));
+    with_id(st->add(task, "show", "Show a task: its fields, the artifacts it is limited to, its notifications",
+                    [id](Ctx& c) { return task_show(c, *id); }));
     auto action = std::make_shared<std::string>();
-    with_id(st->add(task, "logs", "What a task did, artifact by artifact",
+    with_id(st->add(task, "logs", "What a task did, artifact by artifact (and target by target)",
                     [id, action](Ctx& c) { return task_logs(c, *id, *action); }))
         ->add_option("--action", *action,
                      "only \"copied\", \"skipped: exists\", \"skipped: same digest\" or \"failed\"");
@@ -1086,6 +1402,13 @@ ClientCommands add_client_commands(CLI::App& app) {
                               [watch](Ctx& c) { return watch_task(c, *watch); });
     watch_cmd->add_option("id", watch->id, "task id")->required();
     add_watch_flags(watch_cmd, *watch);
+
+    auto* event = group("event", "Webhook events the daemon received from registries");
+    auto event_limit = std::make_shared<size_t>(0);
+    st->add(event, "ls", "List received events, newest first",
+            [event_limit](Ctx& c) { return event_ls(c, *event_limit); })
+        ->add_option("--limit", *event_limit, "at most this many (the API's default: 100)")
+        ->check(CLI::Range(size_t{1}, kPageLimit));
 
     auto* link = group("link", "Bandwidth caps between regions");
     auto l = std::make_shared<LinkArgs>();

@@ -17,11 +17,12 @@
 #include <string>
 
 #include "engine/daemon.h"
+#include "engine/rules.h"
 
 namespace serve_cli {
 
 struct Args {
-    std::string state_dir, socket_path, listen, socket_group;
+    std::string state_dir, socket_path, listen, socket_group, reconcile_interval = "1h";
     unsigned max_tasks = 2, jobs = 16, streams = 4, retention_days = 30, keep_tasks = 1000, stop_timeout_s = 10;
     uint64_t chunk_mib = 64, cache_cap_gib = 16;
 };
@@ -64,6 +65,10 @@ inline int run(const Args& a) {
     o.retention.older_than_days = a.retention_days;
     o.retention.keep_last_per_rule = a.keep_tasks;
     o.stop_timeout = std::chrono::seconds(a.stop_timeout_s);
+    auto interval = engine::Schedule::parse(a.reconcile_interval);
+    if (!interval.ok() || interval.value.kind() != engine::Schedule::Kind::interval)
+        return usage("--reconcile-interval '" + a.reconcile_interval + "': expected an interval such as 30m, 1h or 1d");
+    o.reconcile_interval = interval.value.interval();
     return engine::run_daemon(o);
 }
 
@@ -91,6 +96,9 @@ inline void add_serve_command(CLI::App& app) {
         ->capture_default_str();
     sub->add_option("--keep-tasks", a->keep_tasks, "keep at most this many finished tasks per rule")
         ->check(CLI::Range(1u, 1000000u))
+        ->capture_default_str();
+    sub->add_option("--reconcile-interval", a->reconcile_interval,
+                    "how often sync-on-push rules without a schedule scan for what notifications missed")
         ->capture_default_str();
     sub->add_option("--stop-timeout", a->stop_timeout_s, "seconds running tasks get to checkpoint on SIGTERM")
         ->check(CLI::Range(0u, 3600u))

@@ -24,6 +24,7 @@ namespace fs = std::filesystem;
 
 constexpr char kSecret[] = "S3CRET-pa55w0rd-do-not-leak";
 constexpr char kTargetSecret[] = "TARGET-t0ken-do-not-leak";
+constexpr char kWebhookSecret[] = "WEBHOOK-sh4red-do-not-leak";
 
 json with(json j, const char* key, const char* value) {
     j[key] = value;
@@ -65,18 +66,21 @@ protected:
         auto s = Store::open((root_ / "state").string(), so);
         ASSERT_TRUE(s.ok()) << s.error().message;
         store_ = std::move(s.value());
-        engine::ControlApiOptions o;
-        o.clock = [this] { return now_; };
-        o.on_task_queued = [this](const engine::TaskRecord& t) { queued_.push_back(t.id); };
-        o.on_cancel_requested = [this](int64_t id) { cancel_requested_.push_back(id); };
-        api_ = std::make_unique<ControlApi>(*store_, o);
+        options_.clock = [this] { return now_; };
+        options_.on_task_queued = [this](const engine::TaskRecord& t) { queued_.push_back(t.id); };
+        options_.on_cancel_requested = [this](int64_t id) { cancel_requested_.push_back(id); };
+        api_ = std::make_unique<ControlApi>(*store_, options_);
     }
+
+    // A new router with options_ as changed by the test.
+    void remake_api() { api_ = std::make_unique<ControlApi>(*store_, options_); }
 
     void TearDown() override {
         // Credentials are write-only: no response of any test carries one.
         for (const auto& body : bodies_) {
             EXPECT_EQ(body.find(kSecret), std::string::npos) << body;
             EXPECT_EQ(body.find(kTargetSecret), std::string::npos) << body;
+            EXPECT_EQ(body.find(kWebhookSecret), std::string::npos) << body;
         }
         api_.reset();
         store_.reset();
@@ -156,8 +160,25 @@ protected:
         return ids;
     }
 
+    // Registries "eu" (the primary), "us" and "ap", and a group over them.
+    void add_group_registries() {
+        for (const char* name : {"eu", "ap", "us"}) {  // ids in another order than the replicas
+            json body{{"name", name}, {"url", std::string("https://") + name + ".example.com"}, {"region", name}};
+            ASSERT_EQ(send("POST", "/v1/registries", body).status, 201) << name;
+        }
+    }
+    json group_body(const std::string& name) {
+        return json{{"name", name}, {"primary", "eu"}, {"replicas", {"us", "ap"}}};
+    }
+    int64_t add_group(const std::string& name) {
+        auto r = send("POST", "/v1/replications", group_body(name));
+        EXPECT_EQ(r.status, 201) << r.raw;
+        return r.body.value("id", int64_t{0});
+    }
+
     fs::path root_;
     Time now_ = at("2024-05-01T12:00:00Z");
+    engine::ControlApiOptions options_;
     std::unique_ptr<Store> store_;
     std::unique_ptr<ControlApi> api_;
     std::vector<std::string> bodies_;
@@ -684,6 +705,291 @@ TEST_F(ApiTest, NeverThrows) {
     EXPECT_EQ(r500.body.find("exploded"), std::string::npos);
     ASSERT_EQ(logged.size(), 1u);
     EXPECT_NE(logged[0].find("clock exploded"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook secrets, notification fields, events and deliveries
+
+TEST_F(ApiTest, WebhookSecretIsWriteOnly) {
+    auto created = send("POST", "/v1/registries",
+                        json{{"name", "hub"}, {"url", "https://hub.example.com"}, {"webhook_secret", kWebhookSecret}});
+    ASSERT_EQ(created.status, 201) << created.raw;
+    EXPECT_EQ(created.body["has_webhook_secret"], true);
+    EXPECT_FALSE(created.body.contains("webhook_secret"));
+    const int64_t id = created.body["id"].get<int64_t>();
+    EXPECT_EQ(store_->webhook_secret_for(id).value(), kWebhookSecret);
+
+    EXPECT_EQ(call("GET", "/v1/registries/hub").body["has_webhook_secret"], true);
+    call("GET", "/v1/registries");
+    // A patch without it keeps it; with a bad value it is refused without being echoed.
+    auto kept = send("PATCH", "/v1/registries/hub", json{{"region", "eu"}});
+    ASSERT_EQ(kept.status, 200) << kept.raw;
+    EXPECT_EQ(kept.body["has_webhook_secret"], true);
+    auto bad = send("PATCH", "/v1/registries/hub", json{{"webhook_secret", std::string(kWebhookSecret) + "\n"}});
+    EXPECT_EQ(bad.status, 400);
+    EXPECT_TRUE(bad.has_field_error("webhook_secret")) << bad.raw;
+    send("POST", "/v1/registries",
+         json{{"name", "hub"}, {"url", "https://hub.example.com"}, {"webhook_secret", kWebhookSecret}});  // 409
+    EXPECT_EQ(store_->webhook_secret_for(id).value(), kWebhookSecret);
+    auto removed = send("PATCH", "/v1/registries/hub", json{{"webhook_secret", ""}});
+    ASSERT_EQ(removed.status, 200) << removed.raw;
+    EXPECT_EQ(removed.body["has_webhook_secret"], false);
+    EXPECT_EQ(store_->webhook_secret_for(id).value(), "");
+    // TearDown checks that no body of this test holds the secret.
+}
+
+TEST_F(ApiTest, RuleNotifyFields) {
+    add_registries();
+    json body = rule_body("notifying");
+    body["sync_on_push"] = true;
+    body["notify_urls"] = {"https://hooks.example.com/a"};
+    body["notify_on"] = "failure";
+    auto created = send("POST", "/v1/rules", body);
+    ASSERT_EQ(created.status, 201) << created.raw;
+    EXPECT_EQ(created.body["sync_on_push"], true);
+    EXPECT_EQ(created.body["notify_urls"], json::array({"https://hooks.example.com/a"}));
+    EXPECT_EQ(created.body["notify_on"], "failure");
+    auto patched = send("PATCH", "/v1/rules/notifying", json{{"notify_on", "success"}});
+    ASSERT_EQ(patched.status, 200) << patched.raw;
+    EXPECT_EQ(patched.body["notify_on"], "success");
+    EXPECT_EQ(patched.body["sync_on_push"], true);
+
+    auto bad = send("PATCH", "/v1/rules/notifying",
+                    json{{"notify_urls", {"https://hooks.example.com/a", "ftp://x.example.com"}}});
+    EXPECT_EQ(bad.status, 400);
+    EXPECT_NE(bad.field_error("notify_urls").find("URL 2 scheme must be http or https"), std::string::npos) << bad.raw;
+    bad = send("PATCH", "/v1/rules/notifying", json{{"notify_on", "never"}});
+    EXPECT_TRUE(bad.has_field_error("notify_on")) << bad.raw;
+}
+
+TEST_F(ApiTest, EventsNewestFirst) {
+    add_registries();
+    const int64_t src = store_->get_registry_by_name("src").value().id;
+    const int64_t dst = store_->get_registry_by_name("dst").value().id;
+    engine::RegistryEvent push{"ev-1", engine::RegistryEvent::Action::push, "library/app", "v1", "sha256:aa", ""};
+    engine::RegistryEvent del{"ev-2", engine::RegistryEvent::Action::remove, "library/app", "v0", "", ""};
+    ASSERT_TRUE(store_->record_events(src, {push, del}).ok());
+    now_ = at("2024-05-01T12:00:05Z");
+    ASSERT_TRUE(store_->record_events(dst, {push}).ok());
+
+    auto r = call("GET", "/v1/events");
+    ASSERT_EQ(r.status, 200) << r.raw;
+    ASSERT_EQ(r.body["events"].size(), 3u);
+    const json& newest = r.body["events"][0];
+    EXPECT_EQ(newest["registry"], "dst");
+    EXPECT_EQ(newest["event_id"], "ev-1");
+    EXPECT_EQ(newest["received"], "2024-05-01T12:00:05.000Z");
+    EXPECT_EQ(r.body["events"][1]["action"], "delete");
+    EXPECT_EQ(r.body["events"][1]["registry"], "src");
+    EXPECT_EQ(r.body["events"][2]["action"], "push");
+    EXPECT_EQ(r.body["events"][2]["processed"], false);
+    EXPECT_EQ(r.body["events"][2]["task_ids"], json::array());
+
+    auto one = call("GET", "/v1/events?limit=1");
+    ASSERT_EQ(one.status, 200);
+    ASSERT_EQ(one.body["events"].size(), 1u);
+    EXPECT_EQ(one.body["events"][0]["registry"], "dst");
+    for (const char* bad : {"/v1/events?limit=0", "/v1/events?limit=1001", "/v1/events?limit=x"}) {
+        auto b = call("GET", bad);
+        EXPECT_EQ(b.status, 400) << bad;
+        EXPECT_TRUE(b.has_field_error("limit")) << b.raw;
+    }
+    EXPECT_TRUE(call("GET", "/v1/events?since=x").has_field_error("since"));
+    EXPECT_EQ(call("POST", "/v1/events").status, 405);
+    EXPECT_EQ(call("GET", "/v1/events/1").status, 404);
+}
+
+TEST_F(ApiTest, TaskDeliveries) {
+    add_registries();
+    add_rule("alpha");
+    const int64_t t = trigger("alpha");
+    auto empty = call("GET", "/v1/tasks/" + std::to_string(t) + "/deliveries");
+    ASSERT_EQ(empty.status, 200) << empty.raw;
+    EXPECT_EQ(empty.body["deliveries"], json::array());
+
+    auto d = store_->add_delivery(t, "https://hooks.example.com/a");
+    ASSERT_TRUE(d.ok());
+    ASSERT_TRUE(store_->add_delivery(t, "https://hooks.example.com/b").ok());
+    ASSERT_TRUE(store_->update_delivery(d->id, "failed", 3, 500, "HTTP 500").ok());
+    auto r = call("GET", "/v1/tasks/" + std::to_string(t) + "/deliveries");
+    ASSERT_EQ(r.status, 200) << r.raw;
+    ASSERT_EQ(r.body["deliveries"].size(), 2u);
+    EXPECT_EQ(r.body["deliveries"][0]["url"], "https://hooks.example.com/a");
+    EXPECT_EQ(r.body["deliveries"][0]["status"], "failed");
+    EXPECT_EQ(r.body["deliveries"][0]["attempts"], 3);
+    EXPECT_EQ(r.body["deliveries"][0]["last_status"], 500);
+    EXPECT_EQ(r.body["deliveries"][0]["last_error"], "HTTP 500");
+    EXPECT_EQ(r.body["deliveries"][0]["task_id"], t);
+    EXPECT_EQ(r.body["deliveries"][1]["status"], "pending");
+    EXPECT_EQ(call("GET", "/v1/tasks/999999/deliveries").status, 404);
+    EXPECT_EQ(call("POST", "/v1/tasks/" + std::to_string(t) + "/deliveries").status, 405);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication groups
+
+TEST_F(ApiTest, ReplicationCrud) {
+    add_group_registries();
+    auto created = send("POST", "/v1/replications", group_body("global"));
+    ASSERT_EQ(created.status, 201) << created.raw;
+    const int64_t id = created.body["id"].get<int64_t>();
+    EXPECT_EQ(created.header("Location"), "/v1/replications/" + std::to_string(id));
+    EXPECT_EQ(created.body["primary"], "eu");
+    EXPECT_EQ(created.body["replicas"], json::array({"us", "ap"}));
+    EXPECT_EQ(created.body["schedule"], "1h");
+    EXPECT_EQ(created.body["enabled"], true);
+    EXPECT_EQ(created.body["replicate_deletes"], false);
+    EXPECT_EQ(created.body["next_fire"], "2024-05-01T13:00:00.000Z");
+
+    add_group("second");
+    auto list = call("GET", "/v1/replications");
+    ASSERT_EQ(list.status, 200);
+    ASSERT_EQ(list.body["replications"].size(), 2u);
+    EXPECT_EQ(list.body["replications"][0]["name"], "global");
+    auto by_name = call("GET", "/v1/replications/global");
+    ASSERT_EQ(by_name.status, 200);
+    EXPECT_EQ(by_name.body, call("GET", "/v1/replications/" + std::to_string(id)).body);
+
+    auto patched = send("PATCH", "/v1/replications/global",
+                        json{{"replicas", {"ap"}}, {"replicate_deletes", true}, {"schedule", ""}});
+    ASSERT_EQ(patched.status, 200) << patched.raw;
+    EXPECT_EQ(patched.body["replicas"], json::array({"ap"}));
+    EXPECT_EQ(patched.body["replicate_deletes"], true);
+    EXPECT_EQ(patched.body["schedule"], "");
+    EXPECT_TRUE(patched.body["next_fire"].is_null());
+    EXPECT_EQ(patched.body["primary"], "eu");
+
+    // Field errors name the field.
+    auto as_replica = send("PATCH", "/v1/replications/global", json{{"replicas", {"us", "eu"}}});
+    EXPECT_EQ(as_replica.status, 400);
+    EXPECT_NE(as_replica.field_error("replicas").find("is the primary"), std::string::npos) << as_replica.raw;
+    auto dup = send("POST", "/v1/replications", json{{"name", "g3"}, {"primary", "eu"}, {"replicas", {"us", "us"}}});
+    EXPECT_EQ(dup.status, 400);
+    EXPECT_NE(dup.field_error("replicas").find("more than once"), std::string::npos) << dup.raw;
+    auto unknown = send("POST", "/v1/replications", json{{"name", "g3"}, {"primary", "eu"}, {"replicas", {"nowhere"}}});
+    EXPECT_EQ(unknown.status, 400);
+    EXPECT_NE(unknown.field_error("replicas").find("no registry named 'nowhere'"), std::string::npos) << unknown.raw;
+    auto no_primary = send("POST", "/v1/replications", json{{"name", "g3"}, {"primary", "gone"}, {"replicas", {"us"}}});
+    EXPECT_TRUE(no_primary.has_field_error("primary")) << no_primary.raw;
+    auto extra = send("POST", "/v1/replications", json{{"name", "g3"}, {"primary", "eu"}, {"replicas", {"us"}},
+                                                       {"overwrite", false}});
+    EXPECT_TRUE(extra.has_field_error("overwrite")) << extra.raw;
+    EXPECT_EQ(send("POST", "/v1/replications", group_body("global")).status, 409);
+    EXPECT_EQ(call("GET", "/v1/replications/nope").status, 404);
+    EXPECT_EQ(call("PUT", "/v1/replications/global").status, 405);
+    EXPECT_EQ(call("DELETE", "/v1/replications").status, 405);
+
+    EXPECT_EQ(call("DELETE", "/v1/replications/second").status, 204);
+    EXPECT_EQ(call("GET", "/v1/replications/second").status, 404);
+    EXPECT_EQ(call("GET", "/v1/replications").body["replications"].size(), 1u);
+}
+
+TEST_F(ApiTest, RegistryInUseByGroup) {
+    add_group_registries();
+    add_group("global");
+    auto r = call("DELETE", "/v1/registries/ap");
+    EXPECT_EQ(r.status, 409) << r.raw;
+    EXPECT_NE(r.body["message"].get<std::string>().find("replication group 'global'"), std::string::npos) << r.raw;
+    EXPECT_EQ(call("DELETE", "/v1/replications/global").status, 204);
+    EXPECT_EQ(call("DELETE", "/v1/registries/ap").status, 204);
+}
+
+TEST_F(ApiTest, ReplicationTriggerEnableDisableAndTasks) {
+    add_group_registries();
+    const int64_t g = add_group("global");
+    add_group("other");
+
+    auto trig = call("POST", "/v1/replications/global/trigger");
+    ASSERT_EQ(trig.status, 202) << trig.raw;
+    const int64_t t1 = trig.body["id"].get<int64_t>();
+    EXPECT_EQ(trig.header("Location"), "/v1/tasks/" + std::to_string(t1));
+    EXPECT_EQ(trig.body["status"], "Queued");
+    EXPECT_EQ(trig.body["trigger"], "manual");
+    EXPECT_TRUE(trig.body["rule_id"].is_null());
+    EXPECT_EQ(trig.body["group_id"], g);
+    EXPECT_EQ(trig.body["group_name"], "global");
+    EXPECT_EQ(trig.body["scope"], json::array());
+    EXPECT_EQ(queued_, std::vector<int64_t>{t1});
+    const int64_t t2 = call("POST", "/v1/replications/" + std::to_string(g) + "/trigger").body["id"].get<int64_t>();
+    const int64_t t3 = call("POST", "/v1/replications/other/trigger").body["id"].get<int64_t>();
+    add_registries();
+    add_rule("alpha");
+    const int64_t t4 = trigger("alpha");
+
+    EXPECT_EQ(task_ids(call("GET", "/v1/tasks?group=global")), (std::vector<int64_t>{t2, t1}));
+    EXPECT_EQ(task_ids(call("GET", "/v1/tasks?group=" + std::to_string(g))), (std::vector<int64_t>{t2, t1}));
+    EXPECT_EQ(task_ids(call("GET", "/v1/tasks?group=other")), (std::vector<int64_t>{t3}));
+    EXPECT_EQ(task_ids(call("GET", "/v1/tasks?rule=alpha")), (std::vector<int64_t>{t4}));
+    EXPECT_TRUE(task_ids(call("GET", "/v1/tasks?rule=alpha&group=global")).empty());
+    EXPECT_EQ(call("GET", "/v1/tasks?group=nope").status, 404);
+
+    // Disabled: not triggered; enable/disable answer with the group.
+    auto off = call("POST", "/v1/replications/global/disable");
+    ASSERT_EQ(off.status, 200) << off.raw;
+    EXPECT_EQ(off.body["enabled"], false);
+    EXPECT_EQ(call("POST", "/v1/replications/global/disable").body["enabled"], false);  // idempotent
+    auto refused = call("POST", "/v1/replications/global/trigger");
+    EXPECT_EQ(refused.status, 409) << refused.raw;
+    EXPECT_NE(refused.body["message"].get<std::string>().find("disabled"), std::string::npos);
+    auto on = call("POST", "/v1/replications/global/enable");
+    ASSERT_EQ(on.status, 200);
+    EXPECT_EQ(on.body["enabled"], true);
+    EXPECT_EQ(call("POST", "/v1/replications/global/trigger").status, 202);
+    EXPECT_EQ(call("GET", "/v1/replications/global/trigger").status, 405);
+    EXPECT_EQ(call("POST", "/v1/replications/nope/trigger").status, 404);
+    EXPECT_EQ(queued_.size(), 5u);
+
+    // Deleting the group: its Queued tasks stop, the running one is reported to the daemon.
+    ASSERT_TRUE(store_->start_task(t1).ok());
+    cancel_requested_.clear();
+    EXPECT_EQ(call("DELETE", "/v1/replications/global").status, 204);
+    EXPECT_EQ(cancel_requested_, std::vector<int64_t>{t1});
+    auto stopped = call("GET", "/v1/tasks/" + std::to_string(t2));
+    EXPECT_EQ(stopped.body["status"], "Stopped");
+    EXPECT_TRUE(stopped.body["group_id"].is_null());
+    EXPECT_EQ(stopped.body["group_name"], "global");
+    EXPECT_EQ(call("GET", "/v1/tasks/" + std::to_string(t3)).body["status"], "Queued");
+}
+
+TEST_F(ApiTest, ReplicationStatusHook) {
+    add_group_registries();
+    add_group("global");
+    auto none = call("GET", "/v1/replications/global/status");
+    EXPECT_EQ(none.status, 501) << none.raw;
+    EXPECT_TRUE(none.body["message"].is_string());
+
+    std::vector<std::string> asked;
+    options_.group_status = [&](const engine::ReplicationGroup& g) {
+        asked.push_back(g.name);
+        return json{{"group", g.name}, {"replicas", {{{"registry", g.replicas[0]}, {"lag_s", 3}}}}};
+    };
+    remake_api();
+    auto r = call("GET", "/v1/replications/global/status");
+    ASSERT_EQ(r.status, 200) << r.raw;
+    EXPECT_EQ(r.body["group"], "global");
+    EXPECT_EQ(r.body["replicas"][0]["registry"], "us");
+    EXPECT_EQ(asked, std::vector<std::string>{"global"});
+    EXPECT_EQ(call("GET", "/v1/replications/nope/status").status, 404);
+    EXPECT_EQ(asked.size(), 1u);  // not asked about unknown groups
+    EXPECT_EQ(call("POST", "/v1/replications/global/status").status, 405);
+
+    std::vector<std::string> logged;
+    options_.group_status = [](const engine::ReplicationGroup&) -> json { throw std::runtime_error("daemon gone"); };
+    options_.log = [&](std::string_view m) { logged.emplace_back(m); };
+    remake_api();
+    auto broken = call("GET", "/v1/replications/global/status");
+    EXPECT_EQ(broken.status, 500);
+    EXPECT_EQ(broken.raw.find("daemon gone"), std::string::npos);
+    ASSERT_EQ(logged.size(), 1u);
+    EXPECT_NE(logged[0].find("daemon gone"), std::string::npos);
+}
+
+TEST_F(ApiTest, DaemonRoutesAreNotServedHere) {
+    add_group_registries();
+    add_group("global");
+    EXPECT_EQ(call("GET", "/v1/replications/global/where").status, 404);
+    EXPECT_EQ(call("POST", "/v1/webhooks/eu").status, 404);
+    EXPECT_EQ(call("POST", "/v1/webhooks").status, 404);
 }
 
 }  // namespace

@@ -658,4 +658,373 @@ TEST(Time, FormatAndParse) {
         EXPECT_FALSE(engine::parse_time(bad).has_value()) << bad;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Webhook secrets (write-only)
+
+// prefix + i without operator+ on a literal (gcc 12 -O3 reports a false -Wrestrict, GCC bug 105329).
+std::string numbered(const char* prefix, size_t i) {
+    std::string s(prefix);
+    s.append(std::to_string(i));
+    return s;
+}
+
+TEST(RegistryWebhookSecret, JsonInIsWriteOnlyAndNeverOut) {
+    const std::string secret = "WEBHOOK-s3cret-zz9";
+    auto r = engine::registry_from_json(json{{"name", "hub"}, {"url", "https://hub.example.com"},
+                                             {"webhook_secret", secret}});
+    ASSERT_TRUE(r.ok()) << describe(r.errors);
+    ASSERT_TRUE(r.value.webhook_secret.has_value());
+    EXPECT_EQ(*r.value.webhook_secret, secret);
+    r.value.has_webhook_secret = true;
+    const json out = engine::to_json(r.value);
+    EXPECT_EQ(out.dump().find(secret), std::string::npos) << out.dump();
+    EXPECT_FALSE(out.contains("webhook_secret"));
+    EXPECT_EQ(out["has_webhook_secret"], true);
+
+    // Without the field: nullopt (keep what is stored), also in a patch of a stored registry.
+    const auto plain = engine::registry_from_json(json{{"name", "hub"}, {"url", "https://hub.example.com"}});
+    ASSERT_TRUE(plain.ok());
+    EXPECT_FALSE(plain.value.webhook_secret.has_value());
+    engine::Registry stored = r.value;
+    stored.webhook_secret.reset();
+    auto p = engine::patch_registry(r.value, json{{"region", "eu"}});
+    ASSERT_TRUE(p.ok()) << describe(p.errors);
+    EXPECT_FALSE(p.value.webhook_secret.has_value());  // the patch did not name it: unchanged
+
+    // "" and null remove it; the output field of a GET is ignored on input.
+    for (const json& removal : {json(""), json(nullptr)}) {
+        p = engine::patch_registry(stored, json{{"webhook_secret", removal}});
+        ASSERT_TRUE(p.ok()) << describe(p.errors);
+        ASSERT_TRUE(p.value.webhook_secret.has_value());
+        EXPECT_EQ(*p.value.webhook_secret, "");
+    }
+    p = engine::patch_registry(stored, engine::to_json(r.value));
+    ASSERT_TRUE(p.ok()) << describe(p.errors);
+    EXPECT_FALSE(p.value.webhook_secret.has_value());
+}
+
+TEST(RegistryWebhookSecret, ChecksNeverQuoteIt) {
+    auto r = valid_registry();
+    const std::string too_long = "LONGSECRET" + std::string(engine::kMaxSecretLength, 'x');
+    r.webhook_secret = too_long;
+    auto checked = engine::check(r);
+    EXPECT_TRUE(has_error(checked.errors, "webhook_secret", "at most 16384 characters"));
+    EXPECT_EQ(describe(checked.errors).find("LONGSECRET"), std::string::npos);
+    r.webhook_secret = "CTRL-secret\nnext";
+    checked = engine::check(r);
+    EXPECT_TRUE(has_error(checked.errors, "webhook_secret", "control characters"));
+    EXPECT_EQ(describe(checked.errors).find("CTRL-secret"), std::string::npos);
+    r.webhook_secret = std::string(engine::kMaxSecretLength, 'y');
+    EXPECT_TRUE(engine::check(r).ok());
+    const auto typed = engine::registry_from_json(json{{"name", "hub"}, {"url", "https://hub.example.com"},
+                                                       {"webhook_secret", 42}});
+    EXPECT_TRUE(has_error(typed.errors, "webhook_secret", "must be a string"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules: sync on push and notifications
+
+TEST(RuleNotify, AcceptsAndNormalisesUrls) {
+    Rule r = valid_rule();
+    r.notify_urls = {"https://Hooks.Example.com/services/T0/B1/XyZ?x=1", "http://10.0.0.5:8080", "HTTP://[::1]:9/p"};
+    const auto checked = engine::check(r);
+    ASSERT_TRUE(checked.ok()) << describe(checked.errors);
+    EXPECT_EQ(checked.value.notify_urls[0], "https://hooks.example.com/services/T0/B1/XyZ?x=1");  // path case kept
+    EXPECT_EQ(checked.value.notify_urls[1], "http://10.0.0.5:8080");
+    EXPECT_EQ(checked.value.notify_urls[2], "http://[::1]:9/p");
+}
+
+TEST(RuleNotify, RejectsBadUrlsWithoutQuotingThem) {
+    struct Case {
+        std::string url;
+        const char* needle;
+    };
+    const Case cases[] = {
+        {"", "must not be empty"},
+        {"/hooks/TOKEN123", "absolute URL"},
+        {"hooks.example.com/TOKEN123", "absolute URL"},
+        {"ftp://hooks.example.com/TOKEN123", "scheme must be http or https"},
+        {"https://user:TOKEN123@hooks.example.com/x", "must not contain credentials"},
+        {"https:///TOKEN123", "has no host"},
+        {"https://hooks.example.com:99999/TOKEN123", "bad host or port"},
+        {"https://hooks.example.com/a b/TOKEN123", "whitespace"},
+        {"https://hooks.example.com/TOKEN123#frag", "fragment"},
+        {"https://hooks.example.com/" + std::string(engine::kMaxUrlLength, 'a') + "TOKEN123", "at most 2048"},
+    };
+    for (const auto& c : cases) {
+        Rule r = valid_rule();
+        r.notify_urls = {"https://ok.example.com/hook", c.url};
+        const auto checked = engine::check(r);
+        EXPECT_TRUE(has_error(checked.errors, "notify_urls", c.needle)) << c.url;
+        EXPECT_TRUE(has_error(checked.errors, "notify_urls", "URL 2")) << c.url;
+        EXPECT_EQ(describe(checked.errors).find("TOKEN123"), std::string::npos) << describe(checked.errors);
+    }
+}
+
+TEST(RuleNotify, CountAndDuplicates) {
+    Rule r = valid_rule();
+    for (size_t i = 0; i < engine::kMaxNotifyUrls; ++i) r.notify_urls.push_back(numbered("https://h.example.com/", i));
+    EXPECT_TRUE(engine::check(r).ok());
+    r.notify_urls.push_back("https://h.example.com/extra");
+    EXPECT_TRUE(has_error(engine::check(r).errors, "notify_urls", "at most 10 URLs, not 11"));
+
+    r.notify_urls = {"https://h.example.com/x", "HTTPS://H.EXAMPLE.COM/x"};  // the same after normalising
+    EXPECT_TRUE(has_error(engine::check(r).errors, "notify_urls", "URL 2 repeats URL 1"));
+    r.notify_urls = {"https://h.example.com/x", "https://h.example.com/X"};  // paths are case-sensitive
+    EXPECT_TRUE(engine::check(r).ok());
+}
+
+TEST(RuleNotify, JsonInOutAndPatch) {
+    auto r = engine::rule_from_json(json{{"name", "r1"},
+                                         {"source_registry", "hub"},
+                                         {"source_namespace", "library"},
+                                         {"target_registry", "mirror"},
+                                         {"sync_on_push", true},
+                                         {"notify_urls", {"https://h.example.com/a"}},
+                                         {"notify_on", "failure"}});
+    ASSERT_TRUE(r.ok()) << describe(r.errors);
+    EXPECT_TRUE(r.value.sync_on_push);
+    EXPECT_EQ(r.value.notify_urls, std::vector<std::string>{"https://h.example.com/a"});
+    EXPECT_EQ(r.value.notify_on, engine::NotifyOn::failure);
+
+    const json out = engine::to_json(r.value);
+    EXPECT_EQ(out["sync_on_push"], true);
+    EXPECT_EQ(out["notify_urls"], json::array({"https://h.example.com/a"}));
+    EXPECT_EQ(out["notify_on"], "failure");
+    const auto back = engine::rule_from_json(out);
+    ASSERT_TRUE(back.ok()) << describe(back.errors);
+    EXPECT_EQ(back.value.notify_urls, r.value.notify_urls);
+    EXPECT_EQ(back.value.notify_on, engine::NotifyOn::failure);
+    EXPECT_TRUE(back.value.sync_on_push);
+
+    // Defaults.
+    const json defaults = engine::to_json(valid_rule());
+    EXPECT_EQ(defaults["sync_on_push"], false);
+    EXPECT_EQ(defaults["notify_urls"], json::array());
+    EXPECT_EQ(defaults["notify_on"], "always");
+
+    // Patch: only what is given; null resets.
+    auto p = engine::patch_rule(r.value, json{{"notify_on", "success"}});
+    ASSERT_TRUE(p.ok());
+    EXPECT_EQ(p.value.notify_on, engine::NotifyOn::success);
+    EXPECT_EQ(p.value.notify_urls.size(), 1u);
+    EXPECT_TRUE(p.value.sync_on_push);
+    p = engine::patch_rule(r.value, json{{"notify_urls", nullptr}, {"notify_on", nullptr}, {"sync_on_push", nullptr}});
+    ASSERT_TRUE(p.ok());
+    EXPECT_TRUE(p.value.notify_urls.empty());
+    EXPECT_EQ(p.value.notify_on, engine::NotifyOn::always);
+    EXPECT_FALSE(p.value.sync_on_push);
+
+    // Type errors, each reported once.
+    p = engine::patch_rule(r.value, json{{"notify_urls", "https://h.example.com/a"}});
+    EXPECT_TRUE(has_error(p.errors, "notify_urls", "must be an array of strings, not a string"));
+    EXPECT_EQ(p.errors.size(), 1u) << describe(p.errors);
+    p = engine::patch_rule(r.value, json{{"notify_urls", {"https://h.example.com/a", 5}}});
+    EXPECT_TRUE(has_error(p.errors, "notify_urls", "element 2 must be a string, not an integer"));
+    p = engine::patch_rule(r.value, json{{"notify_on", "sometimes"}});
+    EXPECT_TRUE(has_error(p.errors, "notify_on", "'sometimes' is not one of always, failure, success"));
+    p = engine::patch_rule(r.value, json{{"sync_on_push", "yes"}});
+    EXPECT_TRUE(has_error(p.errors, "sync_on_push", "must be true or false"));
+    p = engine::patch_rule(r.value, json{{"notify_urls", {"gopher://h.example.com"}}});
+    EXPECT_TRUE(has_error(p.errors, "notify_urls", "scheme must be http or https"));
+}
+
+TEST(RuleNotify, NotifyOnRoundTrip) {
+    for (auto n : {engine::NotifyOn::always, engine::NotifyOn::failure, engine::NotifyOn::success})
+        EXPECT_EQ(engine::parse_notify_on(engine::to_string(n)), n);
+    EXPECT_EQ(engine::to_string(engine::NotifyOn::failure), "failure");
+    EXPECT_FALSE(engine::parse_notify_on("Always").has_value());
+    EXPECT_FALSE(engine::parse_notify_on("").has_value());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication groups
+
+engine::ReplicationGroup valid_group() {
+    engine::ReplicationGroup g;
+    g.name = "global";
+    g.primary = "eu-hub";
+    g.replicas = {"us-mirror", "ap-mirror"};
+    return g;
+}
+
+TEST(GroupCheck, AcceptsValid) {
+    auto g = valid_group();
+    EXPECT_TRUE(engine::check(g).ok()) << describe(engine::check(g).errors);
+    g.schedule = "";  // events only
+    EXPECT_TRUE(engine::check(g).ok());
+    g.schedule = "0 */6 * * *";
+    EXPECT_TRUE(engine::check(g).ok());
+    g.replicas.clear();
+    for (size_t i = 0; i < engine::kMaxReplicas; ++i) g.replicas.push_back(numbered("r", i));
+    EXPECT_TRUE(engine::check(g).ok());
+}
+
+TEST(GroupCheck, RejectsWithFieldsNamed) {
+    auto g = valid_group();
+    g.name = "Global";
+    g.primary = "";
+    g.schedule = "5s";
+    auto checked = engine::check(g);
+    EXPECT_TRUE(has_error(checked.errors, "name", "must start with a lowercase"));
+    EXPECT_TRUE(has_error(checked.errors, "primary", "must not be empty"));
+    EXPECT_TRUE(has_error(checked.errors, "schedule", "shorter than the minimum"));
+
+    g = valid_group();
+    g.replicas.clear();
+    EXPECT_TRUE(has_error(engine::check(g).errors, "replicas", "at least one"));
+    for (size_t i = 0; i <= engine::kMaxReplicas; ++i) g.replicas.push_back(numbered("r", i));
+    EXPECT_TRUE(has_error(engine::check(g).errors, "replicas", "at most 16 registries, not 17"));
+
+    g = valid_group();
+    g.replicas = {"us-mirror", "ap-mirror", "us-mirror"};
+    EXPECT_TRUE(has_error(engine::check(g).errors, "replicas", "'us-mirror' is named more than once"));
+    g.replicas = {"us-mirror", "eu-hub"};
+    EXPECT_TRUE(has_error(engine::check(g).errors, "replicas", "'eu-hub' is the primary"));
+    g.replicas = {"us-mirror", "Bad Name"};
+    EXPECT_TRUE(has_error(engine::check(g).errors, "replicas", "replica 2:"));
+}
+
+TEST(GroupJson, FromJsonDefaultsAndErrors) {
+    auto g = engine::group_from_json(json{{"name", "global"}, {"primary", "eu-hub"}, {"replicas", {"us-mirror"}}});
+    ASSERT_TRUE(g.ok()) << describe(g.errors);
+    EXPECT_EQ(g.value.schedule, "1h");
+    EXPECT_TRUE(g.value.enabled);
+    EXPECT_FALSE(g.value.replicate_deletes);
+    EXPECT_EQ(g.value.replicas, std::vector<std::string>{"us-mirror"});
+
+    g = engine::group_from_json(json{{"name", "global"},
+                                     {"primary", "eu-hub"},
+                                     {"replicas", "us-mirror"},
+                                     {"replicate_deletes", 1},
+                                     {"regions", {"eu"}}});
+    EXPECT_TRUE(has_error(g.errors, "replicas", "must be an array of strings, not a string"));
+    EXPECT_TRUE(has_error(g.errors, "replicate_deletes", "must be true or false"));
+    EXPECT_TRUE(has_error(g.errors, "regions", "unknown field"));
+    EXPECT_EQ(g.errors.size(), 3u) << describe(g.errors);  // no second "replicas: at least one"
+    EXPECT_TRUE(has_error(engine::group_from_json(json::array()).errors, "", "must be a JSON object"));
+}
+
+TEST(GroupJson, ToJsonRoundTripAndPatch) {
+    auto g = valid_group();
+    g.id = 4;
+    g.primary_id = 1;
+    g.replica_ids = {2, 3};
+    g.replicate_deletes = true;
+    g.next_fire = at("2024-01-01T01:00:00Z");
+    g.created = at("2024-01-01T00:00:00Z");
+    g.updated = g.created;
+    const json out = engine::to_json(g);
+    EXPECT_EQ(out["id"], 4);
+    EXPECT_EQ(out["name"], "global");
+    EXPECT_EQ(out["primary"], "eu-hub");
+    EXPECT_EQ(out["replicas"], json::array({"us-mirror", "ap-mirror"}));
+    EXPECT_EQ(out["replicate_deletes"], true);
+    EXPECT_EQ(out["enabled"], true);
+    EXPECT_EQ(out["schedule"], "1h");
+    EXPECT_EQ(out["next_fire"], "2024-01-01T01:00:00.000Z");
+    EXPECT_EQ(out["created"], "2024-01-01T00:00:00.000Z");
+
+    // A GET's body is accepted back (read-only fields ignored).
+    const auto back = engine::group_from_json(out);
+    ASSERT_TRUE(back.ok()) << describe(back.errors);
+    EXPECT_EQ(back.value.id, 0);
+    EXPECT_EQ(back.value.replicas, g.replicas);
+    EXPECT_TRUE(back.value.replicate_deletes);
+
+    auto p = engine::patch_group(g, json{{"replicas", {"sa-mirror"}}, {"enabled", false}});
+    ASSERT_TRUE(p.ok()) << describe(p.errors);
+    EXPECT_EQ(p.value.id, 4);
+    EXPECT_EQ(p.value.replicas, std::vector<std::string>{"sa-mirror"});
+    EXPECT_FALSE(p.value.enabled);
+    EXPECT_EQ(p.value.primary, "eu-hub");
+    p = engine::patch_group(g, json{{"schedule", ""}});
+    ASSERT_TRUE(p.ok());
+    EXPECT_EQ(p.value.schedule, "");
+    p = engine::patch_group(p.value, json{{"schedule", nullptr}});  // null: back to the default
+    ASSERT_TRUE(p.ok());
+    EXPECT_EQ(p.value.schedule, "1h");
+    p = engine::patch_group(g, json{{"primary", "us-mirror"}});  // now a replica too
+    EXPECT_TRUE(has_error(p.errors, "replicas", "'us-mirror' is the primary"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task scope, items, deliveries and events as JSON
+
+TEST(TaskRecord, GroupFieldsAndScopeJson) {
+    engine::TaskRecord t;
+    t.id = 3;
+    t.created = at("2024-01-01T00:00:00Z");
+    json j = engine::to_json(t, t.created);
+    EXPECT_TRUE(j["group_id"].is_null());
+    EXPECT_EQ(j["group_name"], "");
+    EXPECT_EQ(j["scope"], json::array());  // a full scan
+
+    t.group_id = 8;
+    t.group_name = "global";
+    t.scope = {{"team/app", "v1", "sha256:aa", false}, {"team/app", "", "sha256:bb", true}};
+    j = engine::to_json(t, t.created);
+    EXPECT_EQ(j["group_id"], 8);
+    EXPECT_EQ(j["group_name"], "global");
+    EXPECT_TRUE(j["rule_id"].is_null());
+    ASSERT_EQ(j["scope"].size(), 2u);
+    EXPECT_EQ(j["scope"][0], (json{{"repository", "team/app"}, {"tag", "v1"}, {"digest", "sha256:aa"}, {"remove", false}}));
+    EXPECT_EQ(j["scope"][1]["remove"], true);
+    EXPECT_EQ(j["scope"][1]["tag"], "");
+
+    engine::TaskItem item;
+    item.target = "us-mirror";
+    item.repository = "team/app";
+    EXPECT_EQ(engine::to_json(item)["target"], "us-mirror");
+}
+
+TEST(DeliveryAndEventJson, Shapes) {
+    engine::Delivery d;
+    d.id = 5;
+    d.task_id = 9;
+    d.url = "https://h.example.com/hook";
+    d.attempts = 2;
+    d.last_status = 503;
+    d.last_error = "HTTP 503";
+    d.created = at("2024-01-01T00:00:00Z");
+    json j = engine::to_json(d);
+    EXPECT_EQ(j["id"], 5);
+    EXPECT_EQ(j["task_id"], 9);
+    EXPECT_EQ(j["url"], "https://h.example.com/hook");
+    EXPECT_EQ(j["status"], "pending");
+    EXPECT_EQ(j["attempts"], 2);
+    EXPECT_EQ(j["last_status"], 503);
+    EXPECT_EQ(j["last_error"], "HTTP 503");
+    EXPECT_EQ(j["created"], "2024-01-01T00:00:00.000Z");
+    EXPECT_TRUE(j["finished"].is_null());
+    d.status = "delivered";
+    d.finished = at("2024-01-01T00:00:05Z");
+    EXPECT_EQ(engine::to_json(d)["finished"], "2024-01-01T00:00:05.000Z");
+
+    engine::StoredEvent e;
+    e.id = 11;
+    e.registry_id = 2;
+    e.registry_name = "eu-hub";
+    e.event_id = "ev-1";
+    e.repository = "team/app";
+    e.tag = "v1";
+    e.digest = "sha256:aa";
+    e.received = at("2024-01-01T00:00:01Z");
+    e.task_ids = {4, 6};
+    j = engine::to_json(e);
+    EXPECT_EQ(j["id"], 11);
+    EXPECT_EQ(j["registry_id"], 2);
+    EXPECT_EQ(j["registry"], "eu-hub");
+    EXPECT_EQ(j["event_id"], "ev-1");
+    EXPECT_EQ(j["action"], "push");
+    EXPECT_EQ(j["repository"], "team/app");
+    EXPECT_EQ(j["tag"], "v1");
+    EXPECT_EQ(j["digest"], "sha256:aa");
+    EXPECT_EQ(j["received"], "2024-01-01T00:00:01.000Z");
+    EXPECT_EQ(j["processed"], false);
+    EXPECT_EQ(j["task_ids"], json::array({4, 6}));
+    e.remove = true;
+    EXPECT_EQ(engine::to_json(e)["action"], "delete");
+}
+
 }  // namespace

@@ -473,11 +473,11 @@ TEST_F(StoreTest, TaskLifecycle) {
     EXPECT_TRUE(fails_with(store_->start_task(id), ErrorKind::conflict, "is InProgress, not Queued"));
     ASSERT_TRUE(store_->set_task_repositories(id, 2).ok());
     std::vector<TaskItem> items = {
-        {0, 0, "library/alpine", "3.19", "sha256:aa", engine::ItemAction::copied, "", 1000, 12},
-        {0, 0, "library/alpine", "3.18", "sha256:bb", engine::ItemAction::skipped_same_digest, "", 0, 1},
-        {0, 0, "library/debian", "12", "sha256:cc", engine::ItemAction::skipped_exists, "tag exists", 0, 1},
-        {0, 0, "library/debian", "11", "", engine::ItemAction::failed, "source: 500", 0, 3},
-        {0, 0, "library/debian", "10", "sha256:dd", engine::ItemAction::copied, "", 2000, 20},
+        {0, 0, "dst", "library/alpine", "3.19", "sha256:aa", engine::ItemAction::copied, "", 1000, 12},
+        {0, 0, "dst", "library/alpine", "3.18", "sha256:bb", engine::ItemAction::skipped_same_digest, "", 0, 1},
+        {0, 0, "dst", "library/debian", "12", "sha256:cc", engine::ItemAction::skipped_exists, "tag exists", 0, 1},
+        {0, 0, "dst", "library/debian", "11", "", engine::ItemAction::failed, "source: 500", 0, 3},
+        {0, 0, "dst", "library/debian", "10", "sha256:dd", engine::ItemAction::copied, "", 2000, 20},
     };
     ASSERT_TRUE(store_->append_items(id, items).ok());
     now_ += chr::milliseconds{2500};
@@ -669,7 +669,7 @@ TEST_F(StoreTest, PruneByAgeAndCount) {
     const int64_t running = add_task(a.id);  // day 5, never finished: never pruned
     ASSERT_TRUE(store_->start_task(running).ok());
     ASSERT_TRUE(
-        store_->append_items(running, {TaskItem{0, 0, "r", "t", "", engine::ItemAction::copied, "", 1, 1}}).ok());
+        store_->append_items(running, {TaskItem{0, 0, "", "r", "t", "", engine::ItemAction::copied, "", 1, 1}}).ok());
     const int64_t b_old = add_task(b.id);
     finish(b_old);
 
@@ -715,7 +715,7 @@ TEST_F(StoreTest, PrunedTaskItemsAreDeleted) {
     const Rule r = add_rule("r");
     const int64_t id = add_task(r.id);
     ASSERT_TRUE(store_->start_task(id).ok());
-    ASSERT_TRUE(store_->append_items(id, {TaskItem{0, 0, "r", "t", "", engine::ItemAction::copied, "", 1, 1}}).ok());
+    ASSERT_TRUE(store_->append_items(id, {TaskItem{0, 0, "", "r", "t", "", engine::ItemAction::copied, "", 1, 1}}).ok());
     ASSERT_TRUE(store_->finish_task(id, TaskStatus::succeeded, "").ok());
     engine::Retention keep_none;
     keep_none.keep_last_per_rule = 0;
@@ -801,7 +801,7 @@ TEST_F(StoreTest, InterruptedTasksAfterReopen) {
     const Rule r = add_rule("r");
     const int64_t running = add_task(r.id);
     ASSERT_TRUE(store_->start_task(running).ok());
-    ASSERT_TRUE(store_->append_items(running, {TaskItem{0, 0, "r", "t", "", engine::ItemAction::copied, "", 5, 1}})
+    ASSERT_TRUE(store_->append_items(running, {TaskItem{0, 0, "", "r", "t", "", engine::ItemAction::copied, "", 5, 1}})
                     .ok());
     const int64_t queued = add_task(r.id);
     const int64_t done = add_task(r.id);
@@ -917,7 +917,7 @@ TEST_F(StoreTest, MigratesFromVersion1) {
     auto opened = Store::open(old_dir.string(), o);
     ASSERT_TRUE(opened.ok()) << opened.error().message;
     Store& s = **opened;
-    EXPECT_EQ(must(s.schema_version()), 2);
+    EXPECT_EQ(must(s.schema_version()), 3);
     EXPECT_EQ(mode_of(old_dir / "state.db"), 0600u);
 
     // Data kept.
@@ -944,8 +944,676 @@ TEST_F(StoreTest, MigratesFromVersion1) {
     // Opening again is a no-op.
     auto reopened = Store::open(old_dir.string(), o);
     ASSERT_TRUE(reopened.ok()) << reopened.error().message;
-    EXPECT_EQ(must((*reopened)->schema_version()), 2);
+    EXPECT_EQ(must((*reopened)->schema_version()), 3);
     EXPECT_EQ((*reopened)->get_rule_by_name("legacy")->next_fire, now_ + chr::hours{1});
+}
+
+// What migration 2 added, applied to kSchemaV1 as it shipped: a database at schema version 2, with
+// data a v2 daemon wrote (a schedule row, a cancel flag). Never change this copy.
+constexpr char kSchemaV2Steps[] = R"(
+ALTER TABLE tasks ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE schedules (rule_id INTEGER PRIMARY KEY REFERENCES rules(id) ON DELETE CASCADE, next_fire_ms INTEGER,
+  last_fire_ms INTEGER);
+CREATE INDEX tasks_status ON tasks(status, id);
+CREATE INDEX tasks_created ON tasks(created_ms);
+UPDATE schema_version SET version = 2;
+INSERT INTO schedules (rule_id, next_fire_ms, last_fire_ms) VALUES (1, 7200000, 3600000);
+INSERT INTO tasks (rule_id, rule_name, trigger_kind, status, reason, created_ms, started_ms, finished_ms,
+  cancel_requested) VALUES (1, 'legacy', 'manual', 'Stopped', 'cancelled', 3000, 3001, 3002, 1);
+)";
+
+TEST_F(StoreTest, MigratesFromVersion2) {
+    store_.reset();
+    const fs::path old_dir = root_ / "v2";
+    write_v1_database(old_dir);
+    {
+        sqlite3* db = nullptr;
+        ASSERT_EQ(sqlite3_open((old_dir / "state.db").c_str(), &db), SQLITE_OK);
+        char* msg = nullptr;
+        const int rc = sqlite3_exec(db, kSchemaV2Steps, nullptr, nullptr, &msg);
+        EXPECT_EQ(rc, SQLITE_OK) << (msg ? msg : "");
+        sqlite3_free(msg);
+        sqlite3_close(db);
+    }
+
+    engine::StoreOptions o;
+    o.clock = [this] { return now_; };
+    {
+        auto opened = Store::open(old_dir.string(), o);
+        ASSERT_TRUE(opened.ok()) << opened.error().message;
+        Store& s = **opened;
+        EXPECT_EQ(must(s.schema_version()), 3);
+        EXPECT_EQ(Store::latest_schema_version(), 3);
+
+        // v2 data kept; the new columns read as their defaults.
+        auto rule = s.get_rule_by_name("legacy");
+        ASSERT_TRUE(rule.ok()) << rule.error().message;
+        EXPECT_EQ(rule->next_fire, Time{chr::milliseconds{7200000}});  // the stored fire time, not recomputed
+        EXPECT_FALSE(rule->sync_on_push);
+        EXPECT_TRUE(rule->notify_urls.empty());
+        EXPECT_EQ(rule->notify_on, engine::NotifyOn::always);
+        auto src = s.get_registry_by_name("src");
+        ASSERT_TRUE(src.ok());
+        EXPECT_TRUE(src->has_credentials);
+        EXPECT_FALSE(src->has_webhook_secret);
+        EXPECT_EQ(must(s.webhook_secret_for(src->id)), "");
+        auto stopped = s.get_task(2);
+        ASSERT_TRUE(stopped.ok()) << stopped.error().message;
+        EXPECT_TRUE(stopped->cancel_requested);
+        EXPECT_EQ(stopped->rule_id, rule->id);
+        EXPECT_FALSE(stopped->group_id.has_value());
+        EXPECT_EQ(stopped->group_name, "");
+        EXPECT_TRUE(stopped->scope.empty());
+        auto items = s.list_items(1, {});
+        ASSERT_TRUE(items.ok());
+        ASSERT_EQ(items->items.size(), 1u);
+        EXPECT_EQ(items->items[0].target, "");
+
+        // v3 features work on the migrated database.
+        engine::ReplicationGroup g;
+        g.name = "global";
+        g.primary = "src";
+        g.replicas = {"dst"};
+        auto group = s.create_group(g);
+        ASSERT_TRUE(group.ok()) << group.error().message;
+        auto gt = s.create_group_task(group->id, Trigger::event, {{"library/a", "v2", "", false}});
+        ASSERT_TRUE(gt.ok()) << gt.error().message;
+        auto recorded = s.record_events(src->id, {{"ev-1", engine::RegistryEvent::Action::push, "library/a", "v2", "", ""}});
+        ASSERT_TRUE(recorded.ok()) << recorded.error().message;
+        EXPECT_EQ(recorded->size(), 1u);
+        EXPECT_TRUE(s.add_delivery(1, "https://hooks.example.com/x").ok());
+        Rule updated = *rule;
+        updated.notify_urls = {"https://hooks.example.com/x"};
+        updated.sync_on_push = true;
+        EXPECT_TRUE(s.update_rule(updated).ok());
+    }
+    // Reopening is a no-op and keeps what v3 wrote.
+    auto reopened = Store::open(old_dir.string(), o);
+    ASSERT_TRUE(reopened.ok()) << reopened.error().message;
+    EXPECT_EQ(must((*reopened)->schema_version()), 3);
+    EXPECT_EQ(must((*reopened)->list_groups()).size(), 1u);
+    EXPECT_EQ(must((*reopened)->list_events(10)).size(), 1u);
+    EXPECT_TRUE((*reopened)->get_rule_by_name("legacy")->sync_on_push);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook secrets
+
+TEST_F(StoreTest, WebhookSecretIsWriteOnly) {
+    constexpr char kHookSecret[] = "HOOK-shared-s3cret-never-out";
+    Registry r;
+    r.name = "hub";
+    r.url = "https://hub.example.com";
+    r.webhook_secret = kHookSecret;
+    auto added = store_->add_registry(r);
+    ASSERT_TRUE(added.ok()) << added.error().message;
+    EXPECT_TRUE(added->has_webhook_secret);
+    EXPECT_FALSE(added->webhook_secret.has_value());  // never filled in on the way out
+    EXPECT_EQ(must(store_->webhook_secret_for(added->id)), kHookSecret);
+
+    // nullopt keeps it, also across other changes and credentials updates.
+    Registry keep = *added;
+    keep.region = "eu";
+    keep.credentials = engine::Credentials{kUser, kSecret, {}};
+    auto kept = store_->update_registry(keep);
+    ASSERT_TRUE(kept.ok()) << kept.error().message;
+    EXPECT_TRUE(kept->has_webhook_secret);
+    EXPECT_EQ(must(store_->webhook_secret_for(added->id)), kHookSecret);
+
+    // Nothing the API shows holds it, nor any error about the registry.
+    std::string everything;
+    for (const auto& x : must(store_->list_registries())) everything += engine::to_json(x).dump();
+    everything += engine::to_json(must(store_->get_registry_by_name("hub"))).dump();
+    Registry dup = r;
+    auto conflict = store_->add_registry(dup);
+    ASSERT_FALSE(conflict.ok());
+    everything += conflict.error().message;
+    dup.name = "other";
+    dup.webhook_secret = std::string(kHookSecret) + "\x01";
+    auto invalid = store_->add_registry(dup);
+    EXPECT_TRUE(fails_with(invalid, ErrorKind::invalid, "webhook_secret"));
+    if (!invalid.ok()) everything += invalid.error().message;
+    EXPECT_EQ(everything.find(kHookSecret), std::string::npos) << everything;
+    EXPECT_NE(everything.find("\"has_webhook_secret\":true"), std::string::npos);
+
+    // Replaced, then removed with "".
+    Registry rotate = *kept;
+    rotate.webhook_secret = "rotated";
+    ASSERT_TRUE(store_->update_registry(rotate).ok());
+    EXPECT_EQ(must(store_->webhook_secret_for(added->id)), "rotated");
+    rotate.webhook_secret = "";
+    auto removed = store_->update_registry(rotate);
+    ASSERT_TRUE(removed.ok());
+    EXPECT_FALSE(removed->has_webhook_secret);
+    EXPECT_EQ(must(store_->webhook_secret_for(added->id)), "");
+    EXPECT_TRUE(must(store_->credentials_for(added->id)).password == kSecret);  // credentials untouched
+    EXPECT_TRUE(fails_with(store_->webhook_secret_for(999), ErrorKind::not_found, "no registry with id 999"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules: sync on push and notifications
+
+TEST_F(StoreTest, RuleNotifyFieldsRoundTrip) {
+    add_registry("src");
+    add_registry("dst");
+    Rule r = rule("notifying");
+    r.sync_on_push = true;
+    r.notify_urls = {"https://Hooks.Example.com/a", "http://10.0.0.1:8080/b?x=1"};
+    r.notify_on = engine::NotifyOn::failure;
+    auto created = store_->create_rule(r);
+    ASSERT_TRUE(created.ok()) << created.error().message;
+    EXPECT_TRUE(created->sync_on_push);
+    EXPECT_EQ(created->notify_urls, (std::vector<std::string>{"https://hooks.example.com/a", "http://10.0.0.1:8080/b?x=1"}));
+    EXPECT_EQ(created->notify_on, engine::NotifyOn::failure);
+
+    Rule changed = *created;
+    changed.sync_on_push = false;
+    changed.notify_urls = {"https://hooks.example.com/c"};
+    changed.notify_on = engine::NotifyOn::success;
+    auto updated = store_->update_rule(changed);
+    ASSERT_TRUE(updated.ok()) << updated.error().message;
+    open_store();
+    auto again = store_->get_rule(created->id);
+    ASSERT_TRUE(again.ok());
+    EXPECT_FALSE(again->sync_on_push);
+    EXPECT_EQ(again->notify_urls, std::vector<std::string>{"https://hooks.example.com/c"});
+    EXPECT_EQ(again->notify_on, engine::NotifyOn::success);
+
+    changed.notify_urls = {"ftp://hooks.example.com/c"};
+    EXPECT_TRUE(fails_with(store_->update_rule(changed), ErrorKind::invalid, "notify_urls: URL 1 scheme"));
+    changed.notify_urls = {"https://hooks.example.com/c", "https://hooks.example.com/c"};
+    EXPECT_TRUE(fails_with(store_->update_rule(changed), ErrorKind::invalid, "notify_urls"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication groups
+
+class GroupStoreTest : public StoreTest {
+protected:
+    engine::ReplicationGroup group(const std::string& name, const std::string& primary,
+                                   std::vector<std::string> replicas) {
+        engine::ReplicationGroup g;
+        g.name = name;
+        g.primary = primary;
+        g.replicas = std::move(replicas);
+        return g;
+    }
+    engine::ReplicationGroup add_group(const std::string& name, const std::string& schedule = "1h") {
+        // "ap" gets a smaller id than "us": the replicas' order is the order given, not the ids'.
+        for (const char* reg : {"eu", "ap", "us"})
+            if (!store_->get_registry_by_name(reg).ok()) add_registry(reg);
+        auto g = group(name, "eu", {"us", "ap"});
+        g.schedule = schedule;
+        auto created = store_->create_group(g);
+        EXPECT_TRUE(created.ok()) << created.error().message;
+        return created.ok() ? created.value() : engine::ReplicationGroup{};
+    }
+    int64_t add_group_task(int64_t group_id, std::vector<engine::TaskScope> scope = {}) {
+        auto t = store_->create_group_task(group_id, Trigger::manual, scope);
+        EXPECT_TRUE(t.ok()) << t.error().message;
+        return t.ok() ? t->id : 0;
+    }
+};
+
+TEST_F(GroupStoreTest, CrudKeepsReplicaOrderAndResolvesNames) {
+    const auto g = add_group("global");
+    EXPECT_GT(g.id, 0);
+    EXPECT_EQ(g.primary, "eu");
+    EXPECT_EQ(g.primary_id, must(store_->get_registry_by_name("eu")).id);
+    EXPECT_EQ(g.replicas, (std::vector<std::string>{"us", "ap"}));  // as given, not sorted
+    ASSERT_EQ(g.replica_ids.size(), 2u);
+    EXPECT_EQ(g.replica_ids[1], must(store_->get_registry_by_name("ap")).id);
+    EXPECT_TRUE(g.enabled);
+    EXPECT_EQ(g.created, now_);
+    EXPECT_EQ(g.next_fire, now_ + chr::hours{1});
+
+    auto by_name = store_->get_group_by_name("global");
+    ASSERT_TRUE(by_name.ok());
+    EXPECT_EQ(by_name->id, g.id);
+    EXPECT_EQ(by_name->replicas, g.replicas);
+    add_group("another");
+    auto list = must(store_->list_groups());
+    ASSERT_EQ(list.size(), 2u);
+    EXPECT_EQ(list[0].name, "another");  // by name
+    EXPECT_EQ(list[1].replicas, (std::vector<std::string>{"us", "ap"}));
+
+    // Renaming a registry shows in the group (it holds ids).
+    Registry us = must(store_->get_registry_by_name("us"));
+    us.name = "us-east";
+    ASSERT_TRUE(store_->update_registry(us).ok());
+    EXPECT_EQ(must(store_->get_group(g.id)).replicas, (std::vector<std::string>{"us-east", "ap"}));
+
+    // Update replaces every field, replicas included.
+    auto changed = must(store_->get_group(g.id));
+    changed.replicas = {"ap"};
+    changed.replicate_deletes = true;
+    changed.name = "global2";
+    now_ += chr::minutes{5};
+    auto updated = store_->update_group(changed);
+    ASSERT_TRUE(updated.ok()) << updated.error().message;
+    EXPECT_EQ(updated->replicas, std::vector<std::string>{"ap"});
+    EXPECT_TRUE(updated->replicate_deletes);
+    EXPECT_EQ(updated->name, "global2");
+    EXPECT_EQ(updated->updated, now_);
+    EXPECT_EQ(updated->next_fire, g.next_fire);  // same schedule: unchanged
+    EXPECT_TRUE(fails_with(store_->get_group_by_name("global"), ErrorKind::not_found, "no replication group named"));
+    EXPECT_TRUE(fails_with(store_->get_group(999), ErrorKind::not_found, "no replication group with id 999"));
+}
+
+TEST_F(GroupStoreTest, Errors) {
+    add_group("global");
+    auto dup = group("global", "eu", {"us"});
+    EXPECT_TRUE(fails_with(store_->create_group(dup), ErrorKind::conflict, "a replication group named 'global' already exists"));
+    auto unknown = group("g2", "nowhere", {"us", "missing"});
+    auto r = store_->create_group(unknown);
+    EXPECT_TRUE(fails_with(r, ErrorKind::invalid, "primary: no registry named 'nowhere'"));
+    EXPECT_TRUE(fails_with(r, ErrorKind::invalid, "replicas: no registry named 'missing'"));
+    EXPECT_TRUE(fails_with(store_->create_group(group("g3", "eu", {"us", "eu"})), ErrorKind::invalid,
+                           "replicas: 'eu' is the primary"));
+    EXPECT_TRUE(fails_with(store_->create_group(group("g4", "eu", {"us", "us"})), ErrorKind::invalid,
+                           "named more than once"));
+    EXPECT_TRUE(fails_with(store_->create_group(group("g5", "eu", {})), ErrorKind::invalid, "replicas: must name"));
+    EXPECT_EQ(must(store_->list_groups()).size(), 1u);  // nothing half-created
+
+    auto other = add_group("other");
+    other.name = "global";
+    EXPECT_TRUE(fails_with(store_->update_group(other), ErrorKind::conflict, "already exists"));
+    other.id = 999;
+    other.name = "fresh";
+    EXPECT_TRUE(fails_with(store_->update_group(other), ErrorKind::not_found, "no replication group with id 999"));
+    EXPECT_TRUE(fails_with(store_->delete_group(999), ErrorKind::not_found, "no replication group"));
+    EXPECT_TRUE(fails_with(store_->create_group_task(999, Trigger::manual, {}), ErrorKind::not_found,
+                           "no replication group with id 999"));
+}
+
+TEST_F(GroupStoreTest, RegistryRemovalBlockedByGroup) {
+    const auto g = add_group("global");
+    const Registry eu = must(store_->get_registry_by_name("eu"));
+    const Registry ap = must(store_->get_registry_by_name("ap"));
+    EXPECT_TRUE(fails_with(store_->remove_registry(eu.id), ErrorKind::conflict,
+                           "registry 'eu' is used by replication group 'global'"));  // the primary
+    EXPECT_TRUE(fails_with(store_->remove_registry(ap.id), ErrorKind::conflict,
+                           "registry 'ap' is used by replication group 'global'"));  // a replica
+    // A rule and a group on the same registry: both named.
+    add_registry("src");
+    Rule r = rule("uses-ap");
+    r.target_registry = "ap";
+    ASSERT_TRUE(store_->create_rule(r).ok());
+    EXPECT_TRUE(fails_with(store_->remove_registry(ap.id), ErrorKind::conflict,
+                           "used by rule 'uses-ap' and replication group 'global'"));
+
+    ASSERT_TRUE(store_->delete_group(g.id).ok());
+    EXPECT_TRUE(store_->remove_registry(eu.id).ok());
+}
+
+TEST_F(GroupStoreTest, GroupTasksAndListing) {
+    const auto g = add_group("global");
+    const auto other = add_group("other");
+    add_registry("src");
+    add_registry("dst");
+    const Rule r = add_rule("r");
+    const int64_t rule_task = add_task(r.id);
+    auto created = store_->create_group_task(g.id, Trigger::event,
+                                             {{"team/app", "v1", "sha256:aa", false}, {"team/app", "old", "", true}});
+    ASSERT_TRUE(created.ok()) << created.error().message;
+    EXPECT_FALSE(created->rule_id.has_value());
+    EXPECT_EQ(created->rule_name, "");
+    EXPECT_EQ(created->group_id, g.id);
+    EXPECT_EQ(created->group_name, "global");
+    EXPECT_EQ(created->trigger, Trigger::event);
+    EXPECT_EQ(created->status, TaskStatus::queued);
+    ASSERT_EQ(created->scope.size(), 2u);
+    EXPECT_EQ(created->scope[0].repository, "team/app");
+    EXPECT_EQ(created->scope[0].digest, "sha256:aa");
+    EXPECT_FALSE(created->scope[0].remove);
+    EXPECT_EQ(created->scope[1].tag, "old");
+    EXPECT_TRUE(created->scope[1].remove);
+    const int64_t other_task = add_group_task(other.id);
+
+    // A rule task with a scope.
+    auto scoped = store_->create_task(r.id, Trigger::event, {{"library/x", "1", "", false}});
+    ASSERT_TRUE(scoped.ok());
+    EXPECT_EQ(scoped->scope.size(), 1u);
+    EXPECT_FALSE(scoped->group_id.has_value());
+    EXPECT_TRUE(must(store_->get_task(rule_task)).scope.empty());
+
+    engine::TaskQuery q;
+    q.group_id = g.id;
+    auto page = must(store_->list_tasks(q));
+    ASSERT_EQ(page.tasks.size(), 1u);
+    EXPECT_EQ(page.tasks[0].id, created->id);
+    q.group_id = other.id;
+    page = must(store_->list_tasks(q));
+    ASSERT_EQ(page.tasks.size(), 1u);
+    EXPECT_EQ(page.tasks[0].id, other_task);
+    engine::TaskQuery by_rule;
+    by_rule.rule_id = r.id;
+    EXPECT_EQ(must(store_->list_tasks(by_rule)).tasks.size(), 2u);  // no group tasks
+    q.rule_id = r.id;  // AND: nothing is both
+    EXPECT_TRUE(must(store_->list_tasks(q)).tasks.empty());
+    EXPECT_EQ(must(store_->list_tasks({})).tasks.size(), 4u);
+
+    // Group tasks are restart-safe like rule tasks; deleting a rule leaves them alone.
+    EXPECT_EQ(must(store_->interrupted_tasks()).size(), 4u);
+    ASSERT_TRUE(store_->delete_rule(r.id).ok());
+    EXPECT_EQ(must(store_->get_task(created->id)).status, TaskStatus::queued);
+    EXPECT_EQ(must(store_->get_task(rule_task)).status, TaskStatus::stopped);
+
+    // Items carry their target.
+    ASSERT_TRUE(store_->start_task(created->id).ok());
+    ASSERT_TRUE(store_->append_items(created->id, {TaskItem{0, 0, "us", "team/app", "v1", "sha256:aa",
+                                                            engine::ItemAction::copied, "", 10, 1},
+                                                   TaskItem{0, 0, "ap", "team/app", "v1", "sha256:aa",
+                                                            engine::ItemAction::failed, "HTTP 500", 0, 1}})
+                    .ok());
+    auto items = must(store_->list_items(created->id, {}));
+    ASSERT_EQ(items.items.size(), 2u);
+    EXPECT_EQ(items.items[0].target, "us");
+    EXPECT_EQ(items.items[1].target, "ap");
+    EXPECT_EQ(engine::to_json(items.items[1])["target"], "ap");
+
+    // Scope limits.
+    EXPECT_TRUE(fails_with(store_->create_group_task(g.id, Trigger::event, {{"", "v1", "", false}}),
+                           ErrorKind::invalid, "scope: repository must not be empty"));
+}
+
+TEST_F(GroupStoreTest, DeleteGroupStopsItsTasksAndKeepsTheirHistory) {
+    const auto g = add_group("global");
+    const auto other = add_group("other");
+    const int64_t queued = add_group_task(g.id);
+    const int64_t running = add_group_task(g.id);
+    ASSERT_TRUE(store_->start_task(running).ok());
+    const int64_t done = add_group_task(g.id);
+    finish(done);
+    const int64_t unrelated = add_group_task(other.id);
+
+    auto stopped = store_->delete_group(g.id);
+    ASSERT_TRUE(stopped.ok()) << stopped.error().message;
+    EXPECT_EQ(*stopped, std::vector<int64_t>{running});
+    auto q = must(store_->get_task(queued));
+    EXPECT_EQ(q.status, TaskStatus::stopped);
+    EXPECT_EQ(q.reason, "replication group deleted");
+    EXPECT_FALSE(q.group_id.has_value());  // ON DELETE SET NULL
+    EXPECT_EQ(q.group_name, "global");     // the name stays
+    auto run = must(store_->get_task(running));
+    EXPECT_EQ(run.status, TaskStatus::in_progress);
+    EXPECT_TRUE(run.cancel_requested);
+    EXPECT_EQ(must(store_->get_task(done)).status, TaskStatus::succeeded);
+    auto u = must(store_->get_task(unrelated));
+    EXPECT_EQ(u.status, TaskStatus::queued);
+    EXPECT_FALSE(u.cancel_requested);
+    EXPECT_TRUE(fails_with(store_->get_group(g.id), ErrorKind::not_found, "no replication group"));
+    // Its replicas went with it: the registries can go now that "other" is deleted too.
+    ASSERT_TRUE(store_->delete_group(other.id).ok());
+    EXPECT_TRUE(store_->remove_registry(must(store_->get_registry_by_name("us")).id).ok());
+}
+
+TEST_F(GroupStoreTest, PruneKeepsLastPerGroup) {
+    const auto a = add_group("a");
+    const auto b = add_group("b");
+    add_registry("src");
+    add_registry("dst");
+    const Rule r = add_rule("r");
+    std::vector<int64_t> a_ids;
+    for (int i = 0; i < 4; ++i) {
+        a_ids.push_back(add_group_task(a.id));
+        finish(a_ids.back());
+    }
+    const int64_t b_only = add_group_task(b.id);
+    finish(b_only);
+    std::vector<int64_t> rule_ids;
+    for (int i = 0; i < 3; ++i) {
+        rule_ids.push_back(add_task(r.id));
+        finish(rule_ids.back());
+    }
+
+    engine::Retention keep;
+    keep.keep_last_per_rule = 2;
+    auto removed = store_->prune_tasks(keep);
+    ASSERT_TRUE(removed.ok()) << removed.error().message;
+    EXPECT_EQ(*removed, 3u);  // a's two oldest, r's oldest; b's only task stays
+    EXPECT_TRUE(store_->get_task(b_only).ok());
+    EXPECT_FALSE(store_->get_task(a_ids[0]).ok());
+    EXPECT_FALSE(store_->get_task(a_ids[1]).ok());
+    EXPECT_TRUE(store_->get_task(a_ids[2]).ok());
+    EXPECT_TRUE(store_->get_task(a_ids[3]).ok());
+    EXPECT_FALSE(store_->get_task(rule_ids[0]).ok());
+    EXPECT_TRUE(store_->get_task(rule_ids[2]).ok());
+}
+
+TEST_F(GroupStoreTest, SchedulesDueAndFire) {
+    const auto g = add_group("hourly", "1h");
+    add_group("events-only", "");
+    EXPECT_EQ(g.next_fire, now_ + chr::hours{1});
+    EXPECT_TRUE(must(store_->due_groups(now_ + chr::minutes{59})).empty());
+    auto due = must(store_->due_groups(now_ + chr::hours{1}));
+    ASSERT_EQ(due.size(), 1u);
+    EXPECT_EQ(due[0].rule_id, g.id);
+    EXPECT_EQ(due[0].rule_name, "hourly");
+    EXPECT_EQ(due[0].next_fire, now_ + chr::hours{1});
+    EXPECT_TRUE(must(store_->due_rules(now_ + chr::days{2})).empty());  // groups are not rules
+
+    // Fired late (the daemon was down): the next one counts from now.
+    now_ += chr::hours{3};
+    auto next = store_->record_group_fire(g.id, g.next_fire.value());
+    ASSERT_TRUE(next.ok()) << next.error().message;
+    EXPECT_EQ(*next, now_ + chr::hours{1});
+    EXPECT_TRUE(must(store_->due_groups(now_)).empty());
+    open_store();
+    EXPECT_EQ(must(store_->get_group(g.id)).next_fire, now_ + chr::hours{1});
+
+    // Disabled groups are not due; enabling again counts from now.
+    auto disabled = must(store_->get_group(g.id));
+    disabled.enabled = false;
+    ASSERT_TRUE(store_->update_group(disabled).ok());
+    now_ += chr::hours{2};
+    EXPECT_TRUE(must(store_->due_groups(now_)).empty());
+    disabled.enabled = true;
+    auto enabled = store_->update_group(disabled);
+    ASSERT_TRUE(enabled.ok());
+    EXPECT_EQ(enabled->next_fire, now_ + chr::hours{1});
+
+    // A schedule change resets the next fire; "" removes it.
+    auto cron = *enabled;
+    cron.schedule = "0 0 * * *";
+    auto changed = store_->update_group(cron);
+    ASSERT_TRUE(changed.ok());
+    EXPECT_EQ(changed->next_fire, at("2024-06-02T00:00:00Z"));
+    cron.schedule = "";
+    changed = store_->update_group(cron);
+    ASSERT_TRUE(changed.ok());
+    EXPECT_FALSE(changed->next_fire.has_value());
+    EXPECT_TRUE(must(store_->due_groups(now_ + chr::days{400})).empty());
+    EXPECT_TRUE(fails_with(store_->record_group_fire(999, now_), ErrorKind::not_found, "no replication group"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook events
+
+engine::RegistryEvent push_event(const std::string& id, const std::string& repo, const std::string& tag) {
+    engine::RegistryEvent e;
+    e.id = id;
+    e.repository = repo;
+    e.tag = tag;
+    e.digest = "sha256:" + id;
+    return e;
+}
+
+TEST_F(StoreTest, EventsAreStoredOnceEach) {
+    const Registry hub = add_registry("hub");
+    const Registry other = add_registry("other");
+    auto first = store_->record_events(hub.id, {push_event("e1", "team/app", "v1"), push_event("e2", "team/app", "v2"),
+                                                push_event("e1", "team/app", "v1")});  // repeated in one body
+    ASSERT_TRUE(first.ok()) << first.error().message;
+    ASSERT_EQ(first->size(), 2u);
+    EXPECT_GT((*first)[0].id, 0);
+    EXPECT_EQ((*first)[0].event_id, "e1");
+    EXPECT_EQ((*first)[0].registry_id, hub.id);
+    EXPECT_EQ((*first)[0].registry_name, "hub");
+    EXPECT_EQ((*first)[0].received, now_);
+    EXPECT_FALSE((*first)[0].processed);
+    EXPECT_EQ((*first)[1].event_id, "e2");
+
+    // A redelivery: nothing new.
+    now_ += chr::seconds{5};
+    auto again = store_->record_events(hub.id, {push_event("e2", "team/app", "v2"), push_event("e1", "team/app", "v1")});
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(again->empty());
+    // Another registry may use the same ids.
+    engine::RegistryEvent del = push_event("e1", "team/app", "v1");
+    del.action = engine::RegistryEvent::Action::remove;
+    auto elsewhere = store_->record_events(other.id, {del});
+    ASSERT_TRUE(elsewhere.ok());
+    ASSERT_EQ(elsewhere->size(), 1u);
+    EXPECT_TRUE((*elsewhere)[0].remove);
+    EXPECT_EQ(must(store_->list_events(100)).size(), 3u);
+
+    EXPECT_TRUE(fails_with(store_->record_events(999, {push_event("x", "a", "b")}), ErrorKind::not_found,
+                           "no registry with id 999"));
+    EXPECT_TRUE(fails_with(store_->record_events(hub.id, {push_event("", "a", "b")}), ErrorKind::invalid, "event id"));
+    EXPECT_TRUE(fails_with(store_->record_events(hub.id, {push_event("y", "", "b")}), ErrorKind::invalid, "repository"));
+    std::vector<engine::RegistryEvent> too_many(Store::kMaxEventsPerRecord + 1, push_event("z", "a", "b"));
+    EXPECT_TRUE(fails_with(store_->record_events(hub.id, too_many), ErrorKind::invalid, "events: at most 10000"));
+    auto empty = store_->record_events(hub.id, {});
+    ASSERT_TRUE(empty.ok());
+    EXPECT_TRUE(empty->empty());
+}
+
+TEST_F(StoreTest, EventsPendingProcessedListedAndPruned) {
+    const Registry hub = add_registry("hub");
+    const Rule r = add_rule("r");
+    const Time t0 = now_;
+    ASSERT_TRUE(store_->record_events(hub.id, {push_event("a", "team/app", "v1"), push_event("b", "team/app", "v2")}).ok());
+    now_ += chr::seconds{10};
+    ASSERT_TRUE(store_->record_events(hub.id, {push_event("c", "team/web", "v1")}).ok());
+
+    // Pending: oldest first, up to the time given and the limit.
+    auto pending = must(store_->pending_events(t0, 100));
+    ASSERT_EQ(pending.size(), 2u);
+    EXPECT_EQ(pending[0].event_id, "a");
+    EXPECT_EQ(pending[1].event_id, "b");
+    EXPECT_EQ(pending[0].registry_name, "hub");
+    EXPECT_EQ(pending[0].repository, "team/app");
+    EXPECT_EQ(pending[0].tag, "v1");
+    EXPECT_EQ(pending[0].digest, "sha256:a");
+    EXPECT_EQ(must(store_->pending_events(now_, 100)).size(), 3u);
+    auto one = must(store_->pending_events(now_, 1));
+    ASSERT_EQ(one.size(), 1u);
+    EXPECT_EQ(one[0].event_id, "a");
+    EXPECT_TRUE(fails_with(store_->pending_events(now_, 0), ErrorKind::invalid, "limit"));
+
+    // Processed events leave the pending list and remember their tasks.
+    const int64_t task = add_task(r.id, Trigger::event);
+    ASSERT_TRUE(store_->mark_events_processed({pending[0].id, pending[1].id}, {task}).ok());
+    const int64_t task2 = add_task(r.id, Trigger::event);
+    ASSERT_TRUE(store_->mark_events_processed({pending[1].id, 424242}, {task2, task}).ok());  // merged; unknown id skipped
+    pending = must(store_->pending_events(now_, 100));
+    ASSERT_EQ(pending.size(), 1u);
+    EXPECT_EQ(pending[0].event_id, "c");
+
+    // Listed newest first.
+    auto listed = must(store_->list_events(100));
+    ASSERT_EQ(listed.size(), 3u);
+    EXPECT_EQ(listed[0].event_id, "c");
+    EXPECT_FALSE(listed[0].processed);
+    EXPECT_TRUE(listed[0].task_ids.empty());
+    EXPECT_EQ(listed[1].event_id, "b");
+    EXPECT_TRUE(listed[1].processed);
+    EXPECT_EQ(listed[1].task_ids, (std::vector<int64_t>{task, task2}));
+    EXPECT_EQ(listed[2].task_ids, std::vector<int64_t>{task});
+    EXPECT_EQ(must(store_->list_events(1)).size(), 1u);
+    EXPECT_TRUE(fails_with(store_->list_events(0), ErrorKind::invalid, "limit"));
+
+    // The processed flag survives a restart (a redelivery after it is still skipped).
+    open_store();
+    EXPECT_EQ(must(store_->pending_events(now_, 100)).size(), 1u);
+    EXPECT_TRUE(must(store_->record_events(hub.id, {push_event("a", "team/app", "v1")})).empty());
+
+    // Pruning removes processed events older than the cutoff only.
+    auto pruned = store_->prune_events(now_ + chr::seconds{1});
+    ASSERT_TRUE(pruned.ok());
+    EXPECT_EQ(*pruned, 2u);  // a and b; c is unprocessed
+    listed = must(store_->list_events(100));
+    ASSERT_EQ(listed.size(), 1u);
+    EXPECT_EQ(listed[0].event_id, "c");
+    ASSERT_TRUE(store_->mark_events_processed({listed[0].id}, {}).ok());
+    EXPECT_EQ(must(store_->prune_events(now_)), 0u);  // received at now_: not before it
+    EXPECT_EQ(must(store_->prune_events(now_ + chr::milliseconds{1})), 1u);
+    // After pruning, the same id is accepted again (de-duplication lasts as long as the event is kept).
+    EXPECT_EQ(must(store_->record_events(hub.id, {push_event("a", "team/app", "v1")})).size(), 1u);
+}
+
+TEST_F(StoreTest, EventsGoWithTheirRegistry) {
+    const Registry hub = add_registry("hub");
+    ASSERT_TRUE(store_->record_events(hub.id, {push_event("a", "team/app", "v1")}).ok());
+    ASSERT_TRUE(store_->remove_registry(hub.id).ok());
+    EXPECT_TRUE(must(store_->list_events(100)).empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deliveries
+
+TEST_F(StoreTest, DeliveriesLifecycle) {
+    const Rule r = add_rule("r");
+    const int64_t task = add_task(r.id);
+    finish(task);
+    auto d1 = store_->add_delivery(task, "https://hooks.example.com/a");
+    ASSERT_TRUE(d1.ok()) << d1.error().message;
+    EXPECT_GT(d1->id, 0);
+    EXPECT_EQ(d1->task_id, task);
+    EXPECT_EQ(d1->url, "https://hooks.example.com/a");
+    EXPECT_EQ(d1->status, "pending");
+    EXPECT_EQ(d1->attempts, 0u);
+    EXPECT_EQ(d1->created, now_);
+    EXPECT_FALSE(d1->finished.has_value());
+    auto d2 = store_->add_delivery(task, "https://hooks.example.com/b");
+    ASSERT_TRUE(d2.ok());
+
+    // A failed attempt that will be retried stays pending.
+    now_ += chr::seconds{1};
+    ASSERT_TRUE(store_->update_delivery(d1->id, "pending", 1, 503, "HTTP 503").ok());
+    auto pending = must(store_->pending_deliveries());
+    ASSERT_EQ(pending.size(), 2u);
+    EXPECT_EQ(pending[0].id, d1->id);
+    EXPECT_EQ(pending[0].attempts, 1u);
+    EXPECT_EQ(pending[0].last_status, 503);
+    EXPECT_EQ(pending[0].last_error, "HTTP 503");
+    EXPECT_FALSE(pending[0].finished.has_value());
+
+    now_ += chr::seconds{1};
+    ASSERT_TRUE(store_->update_delivery(d1->id, "delivered", 2, 200, "").ok());
+    ASSERT_TRUE(store_->update_delivery(d2->id, "failed", 5, 0, "connection refused").ok());
+    EXPECT_TRUE(must(store_->pending_deliveries()).empty());
+    open_store();
+    auto list = must(store_->list_deliveries(task));
+    ASSERT_EQ(list.size(), 2u);
+    EXPECT_EQ(list[0].status, "delivered");
+    EXPECT_EQ(list[0].attempts, 2u);
+    EXPECT_EQ(list[0].last_status, 200);
+    EXPECT_EQ(list[0].last_error, "");
+    EXPECT_EQ(list[0].finished, now_);
+    EXPECT_EQ(list[1].status, "failed");
+    EXPECT_EQ(list[1].last_error, "connection refused");
+    EXPECT_EQ(list[1].finished, now_);
+    EXPECT_EQ(engine::to_json(list[1])["status"], "failed");
+
+    // Back to pending (a manual retry) clears finished.
+    ASSERT_TRUE(store_->update_delivery(d2->id, "pending", 5, 0, "").ok());
+    EXPECT_FALSE(must(store_->list_deliveries(task))[1].finished.has_value());
+
+    EXPECT_TRUE(fails_with(store_->update_delivery(d1->id, "done", 1, 200, ""), ErrorKind::invalid,
+                           "status: 'done' is not one of pending, delivered, failed"));
+    EXPECT_TRUE(fails_with(store_->update_delivery(999, "failed", 1, 0, ""), ErrorKind::not_found, "no delivery"));
+    EXPECT_TRUE(fails_with(store_->add_delivery(999, "https://h.example.com"), ErrorKind::not_found, "no task"));
+    EXPECT_TRUE(fails_with(store_->add_delivery(task, ""), ErrorKind::invalid, "url"));
+    EXPECT_TRUE(fails_with(store_->list_deliveries(999), ErrorKind::not_found, "no task"));
+
+    // Deliveries go with their task.
+    engine::Retention none;
+    none.keep_last_per_rule = 0;
+    ASSERT_TRUE(store_->prune_tasks(none).ok());
+    EXPECT_TRUE(must(store_->pending_deliveries()).empty());
+    EXPECT_TRUE(fails_with(store_->list_deliveries(task), ErrorKind::not_found, "no task"));
 }
 
 TEST_F(StoreTest, RefusesNewerSchema) {
