@@ -104,6 +104,7 @@ struct Target {
     std::shared_ptr<Throttle> throttle;  // uploads to this target (null: no cap)
     std::string label;  // host/ns for messages
     std::unique_ptr<RegistryClient> client;
+    std::optional<std::string> down;  // unreachable at the start (one of several targets): why
     std::map<std::string, std::unique_ptr<Flight>> blob_flights;   // repo@digest -> ensure in flight/done
     std::map<std::string, std::string> digest_home;                // digest -> a repo known to hold it
     std::map<std::string, std::pair<std::string, Flight*>> digest_inflight;  // digest -> (repo, flight)
@@ -305,11 +306,18 @@ private:
             summary_.errors.push_back("source " + st.error().message);
             co_return;
         }
+        // A target that cannot be reached fails the run when it is the only one; one of several
+        // gets a failed item per artifact and the others are served.
+        size_t down = 0;
         for (auto& t : targets_) {
             if (auto st = co_await t->client->ping(); !st.ok()) {
-                summary_.errors.push_back("target " + st.error().message);
-                co_return;
+                t->down = "target " + st.error().message;
+                ++down;
             }
+        }
+        if (down == targets_.size()) {
+            for (auto& t : targets_) summary_.errors.push_back(*t->down);
+            co_return;
         }
 
         if (!opts_.only.empty()) {
@@ -374,6 +382,12 @@ private:
             const auto t0 = std::chrono::steady_clock::now();
             const std::string dst_repo = join_repo(t->ref.ns, rel);
             MirrorItem item{t->label, rel, "", digest, "", "", "", 0};
+            if (t->down) {
+                item.action = "failed";
+                item.reason = *t->down;
+                record(std::move(item), t0);
+                continue;
+            }
             auto head = co_await t->client->head_manifest(dst_repo, digest);
             if (!head.ok()) {
                 item.action = "failed";
@@ -543,6 +557,12 @@ private:
         const std::string dst_repo = join_repo(t.ref.ns, rel);
         const auto t0 = std::chrono::steady_clock::now();
         MirrorItem item{t.label, rel, tag, data.digest, type, "", "", 0};
+        if (t.down) {
+            item.action = "failed";
+            item.reason = *t.down;
+            record(std::move(item), t0);
+            co_return;
+        }
         auto head = co_await t.client->head_manifest(dst_repo, tag);
         if (!head.ok()) {
             item.action = "failed";

@@ -8,6 +8,9 @@ its log (including the access log) to ``<tmpdir>/registry.log``.
         print(reg.host)                        # "127.0.0.1:40123"
     with Registry(auth=True, tls=True) as reg: # htpasswd (bcrypt) + TLS
         reg.ca_file, reg.username, reg.password
+    with Registry(notify_url="http://127.0.0.1:9480/v1/webhooks/src",
+                  notify_headers={"Authorization": "Bearer s3cret"}) as reg:
+        ...                                    # notifications (events) POSTed to the URL
 
 TLS certificates are issued by one throw-away CA per Python process
 (``test_ca()``), so one ``--ca-file`` trusts every TLS registry of a run.
@@ -18,6 +21,7 @@ Only the standard library and the Debian tools ``docker-registry``,
 """
 
 import atexit
+import json
 import os
 import re
 import shutil
@@ -145,9 +149,15 @@ class Registry:
     """One docker-registry process; use as a context manager or start()/stop()."""
 
     def __init__(self, auth=False, tls=False, username="crossdock",
-                 password="s3cret-Pa55", name="registry"):
+                 password="s3cret-Pa55", name="registry", notify_url=None,
+                 notify_headers=None):
         self.auth = auth
         self.tls = tls
+        # Notifications: distribution's event envelopes (one endpoint, "crossdock") POSTed to
+        # notify_url with notify_headers ({name: value or [values]}); 2 s timeout, and after 3
+        # failures in a row a 1 s back-off (the registry keeps retrying from memory).
+        self.notify_url = notify_url
+        self.notify_headers = dict(notify_headers or {})
         self.username = username if auth else None
         self.password = password if auth else None
         self.name = name
@@ -331,6 +341,25 @@ class Registry:
                 "  htpasswd:",
                 "    realm: crossdock-test",
                 f"    path: {self.htpasswd_path}",
+            ]
+        if self.notify_url:
+            lines += [
+                "notifications:",
+                "  events:",
+                "    includereferences: true",
+                "  endpoints:",
+                "    - name: crossdock",
+                f"      url: {json.dumps(self.notify_url)}",
+            ]
+            if self.notify_headers:
+                lines.append("      headers:")
+                for k, v in self.notify_headers.items():
+                    values = v if isinstance(v, (list, tuple)) else [v]
+                    lines.append(f"        {k}: {json.dumps(list(values))}")
+            lines += [
+                "      timeout: 2s",
+                "      threshold: 3",
+                "      backoff: 1s",
             ]
         return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import unittest
 from unittest import mock
 
@@ -18,6 +19,7 @@ sys.path.insert(0, HERE)
 import check  # noqa: E402
 import corpus  # noqa: E402
 import registry  # noqa: E402
+from hookserver import HookServer  # noqa: E402
 from proxy import VanishingProxy  # noqa: E402
 from registry import Registry  # noqa: E402
 
@@ -72,6 +74,27 @@ class RegistryHarnessTest(unittest.TestCase):
                                 "-verify_ip", "127.0.0.1", reg.cert_path],
                                capture_output=True, text=True, timeout=30)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_notifications(self):
+        # A registry with notify_url POSTs distribution's envelopes there, with the headers given.
+        with HookServer() as hooks, \
+                Registry(name="notifying", notify_url=hooks.url("/hook/x"),
+                         notify_headers={"Authorization": "Bearer t0ken"}) as reg:
+            m = corpus.push_image(reg.client(), "ns/app", "v1", "notified", seed=5)
+            deadline = time.monotonic() + 10
+            for _ in range(200):      # the registry sends from a queue: wait (bounded)
+                pushes = [(e["target"].get("tag"), e["target"].get("digest"))
+                          for h in hooks.posts("/hook/x") for e in h.json().get("events", [])
+                          if e.get("action") == "push"
+                          and "/manifests/" in e["target"].get("url", "")]
+                if pushes or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            self.assertEqual(pushes, [("v1", m.digest)], hooks.posts())
+            h = hooks.posts("/hook/x")[0]
+            self.assertEqual(h.headers.get("authorization"), "Bearer t0ken")
+            self.assertEqual(h.headers.get("content-type"),
+                             "application/vnd.docker.distribution.events.v1+json")
 
     def test_auth_plain_http_variant(self):
         with Registry(auth=True) as reg:
