@@ -72,23 +72,24 @@ void LinkShares::rebalance_locked(TimePoint now, bool force) {
     }
 }
 
-std::chrono::nanoseconds LinkShares::consume(uint64_t member, uint64_t bytes, TimePoint now) {
-    std::lock_guard lock(mu_);
+LinkShares::Member& LinkShares::touch_locked(uint64_t member, TimePoint now) {
     Member& m = member_locked(member, now);
     const bool was_active = m.active;
     m.last_seen = std::max(m.last_seen, now);
     m.active = true;
     rebalance_locked(now, !was_active);
+    return m;
+}
+
+std::chrono::nanoseconds LinkShares::consume(uint64_t member, uint64_t bytes, TimePoint now) {
+    std::lock_guard lock(mu_);
+    Member& m = touch_locked(member, now);
     return std::max(link_.consume(bytes, now), m.bucket.consume(bytes, now));
 }
 
 std::chrono::nanoseconds LinkShares::wait_time(uint64_t member, TimePoint now) {
     std::lock_guard lock(mu_);
-    Member& m = member_locked(member, now);
-    const bool was_active = m.active;
-    m.last_seen = std::max(m.last_seen, now);
-    m.active = true;
-    rebalance_locked(now, !was_active);
+    Member& m = touch_locked(member, now);
     return std::max(link_.wait_time(now), m.bucket.wait_time(now));
 }
 

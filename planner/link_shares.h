@@ -55,6 +55,8 @@ private:
     };
 
     Member& member_locked(uint64_t id, TimePoint now);
+    // The member, marked as using the link now (the split is redone if it was idle).
+    Member& touch_locked(uint64_t id, TimePoint now);
     // Recomputes every member's share when the set of active members changed.
     void rebalance_locked(TimePoint now, bool force);
 
