@@ -438,6 +438,11 @@ private:
     // `create` and answers 201 with a Location under `path`.
     template <class List, class Parse, class Create>
     HttpResponse collection(const char* key, const std::string& path, List list, Parse parse, Create create);
+    // A member of a collection whose deletion stops its tasks (rules, replication groups): GET,
+    // PATCH (checked by `patch`, stored by `update`) and DELETE (`remove` returns the tasks whose
+    // cancel was requested).
+    template <class Found, class Patch, class Update, class Remove>
+    HttpResponse member(Found found, Patch patch, Update update, Remove remove);
     HttpResponse registries();
     HttpResponse registry(const std::string& ref);
     HttpResponse links();
@@ -527,6 +532,31 @@ HttpResponse Router::collection(const char* key, const std::string& path, List l
     HttpResponse r = json_response(201, to_json(*created));
     r.headers.emplace_back("Location", path + std::to_string(created->id));
     return r;
+}
+
+template <class Found, class Patch, class Update, class Remove>
+HttpResponse Router::member(Found found, Patch patch, Update update, Remove remove) {
+    HttpResponse out;
+    if (!allowed({"GET", "PATCH", "DELETE"}, out)) return out;
+    std::optional<json> changes;
+    if (method_ == "PATCH") {
+        changes = body(out);
+        if (!changes) return out;
+    }
+    if (!found.ok()) return from_error(found.error());
+    if (method_ == "GET") return json_response(200, to_json(*found));
+    if (method_ == "DELETE") {
+        auto stopped = remove(found->id);
+        if (!stopped.ok()) return from_error(stopped.error());
+        cancel_requested(*stopped);
+        return no_content();
+    }
+    auto checked = patch(*found, *changes);
+    if (!checked.ok()) return field_errors_response(checked.errors);
+    checked.value.id = found->id;
+    auto updated = update(checked.value);
+    if (!updated.ok()) return from_error(updated.error());
+    return json_response(200, to_json(*updated));
 }
 
 HttpResponse Router::registries() {
@@ -622,28 +652,9 @@ HttpResponse Router::rules() {
 }
 
 HttpResponse Router::rule(const std::string& ref) {
-    HttpResponse out;
-    if (!allowed({"GET", "PATCH", "DELETE"}, out)) return out;
-    std::optional<json> patch;
-    if (method_ == "PATCH") {
-        patch = body(out);
-        if (!patch) return out;
-    }
-    auto rule = find_rule(ref);
-    if (!rule.ok()) return from_error(rule.error());
-    if (method_ == "GET") return json_response(200, to_json(*rule));
-    if (method_ == "DELETE") {
-        auto stopped = store_.delete_rule(rule->id);
-        if (!stopped.ok()) return from_error(stopped.error());
-        cancel_requested(*stopped);
-        return no_content();
-    }
-    auto checked = patch_rule(*rule, *patch);
-    if (!checked.ok()) return field_errors_response(checked.errors);
-    checked.value.id = rule->id;
-    auto updated = store_.update_rule(checked.value);
-    if (!updated.ok()) return from_error(updated.error());
-    return json_response(200, to_json(*updated));
+    return member(
+        find_rule(ref), [](const Rule& cur, const json& p) { return patch_rule(cur, p); },
+        [&](const Rule& r) { return store_.update_rule(r); }, [&](int64_t id) { return store_.delete_rule(id); });
 }
 
 HttpResponse Router::rule_action(const std::string& ref, const std::string& action) {
@@ -677,28 +688,10 @@ HttpResponse Router::replications() {
 }
 
 HttpResponse Router::replication(const std::string& ref) {
-    HttpResponse out;
-    if (!allowed({"GET", "PATCH", "DELETE"}, out)) return out;
-    std::optional<json> patch;
-    if (method_ == "PATCH") {
-        patch = body(out);
-        if (!patch) return out;
-    }
-    auto group = find_group(ref);
-    if (!group.ok()) return from_error(group.error());
-    if (method_ == "GET") return json_response(200, to_json(*group));
-    if (method_ == "DELETE") {
-        auto stopped = store_.delete_group(group->id);
-        if (!stopped.ok()) return from_error(stopped.error());
-        cancel_requested(*stopped);
-        return no_content();
-    }
-    auto checked = patch_group(*group, *patch);
-    if (!checked.ok()) return field_errors_response(checked.errors);
-    checked.value.id = group->id;
-    auto updated = store_.update_group(checked.value);
-    if (!updated.ok()) return from_error(updated.error());
-    return json_response(200, to_json(*updated));
+    return member(
+        find_group(ref), [](const ReplicationGroup& cur, const json& p) { return patch_group(cur, p); },
+        [&](const ReplicationGroup& g) { return store_.update_group(g); },
+        [&](int64_t id) { return store_.delete_group(id); });
 }
 
 HttpResponse Router::replication_action(const std::string& ref, const std::string& action) {

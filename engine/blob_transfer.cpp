@@ -160,6 +160,9 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
         // The planner may want more streams on this link than when the blob started.
         if (opts.streams_now && shared.add_worker && shared.pieces.size() > 1 && shared.active < opts.streams_now())
             shared.add_worker();
+        // The worker just added runs at once and may itself add workers, each taking a piece: by
+        // now the queue may be empty.
+        if (shared.pieces.empty()) break;
         netio::ByteRange piece = shared.pieces.front();
         shared.pieces.pop_front();
         uint64_t done = 0;
