@@ -116,7 +116,7 @@ public:
         : opts_(o),
           http_(loop_),
           list_sem_(loop_, std::max(1u, o.jobs)),
-          tag_sem_(loop_, 4 * std::max(1u, o.jobs)),
+          tag_sem_(loop_, 8 * std::max(1u, o.jobs)),
           blob_sem_(loop_, 2 * std::max(1u, o.jobs)),
           fill_sem_(loop_, std::max(1u, o.jobs)) {}
 
@@ -416,7 +416,12 @@ private:
             // Burst: 50 ms worth, at least 256 KiB, so pauses are short and the average exact.
             const auto burst = std::max<uint64_t>(256u << 10, static_cast<uint64_t>(opts_.bandwidth_bytes_per_s / 20));
             limiter_.set_link("source", opts_.bandwidth_bytes_per_s, burst, now);
-            for (auto& t : targets_) limiter_.set_link("target:" + t->label, opts_.bandwidth_bytes_per_s, burst, now);
+            // Uploads trail the download they follow (they start once its first chunk is
+            // verified) and run at the same cap, so they could never catch up: their links keep
+            // up to 2 s of unused rate, and an upload that waited for data may use it.
+            const auto upload_burst = static_cast<uint64_t>(2 * opts_.bandwidth_bytes_per_s);
+            for (auto& t : targets_)
+                limiter_.set_link("target:" + t->label, opts_.bandwidth_bytes_per_s, upload_burst, now);
         }
         if (capped || opts_.shared_source)
             source_throttle_ = std::make_unique<Throttle>(loop_, limiter_, "source", opts_.shared_source, opts_.shared_member);
@@ -738,10 +743,13 @@ private:
             }
         } clear{t, b.digest, &flight};
 
-        co_await blob_sem_.acquire(b.size);  // smallest first: images complete early
-        netio::Semaphore::Permit permit(&blob_sem_);
+        // The download starts now (it waits for a download permit of its own), before this upload
+        // waits for a blob permit: downloads never wait for uploads, so the source link stays busy
+        // while uploads work through what has arrived.
         auto cached = source_blob(src_repo, b);
         if (!cached.ok()) co_return cached.error();
+        co_await blob_sem_.acquire(b.size);  // smallest first: images complete early
+        netio::Semaphore::Permit permit(&blob_sem_);
         cas::BlobRef blob = cached.value();
         const bool from_cache = blob->state() == cas::BlobState::committed && !fetched_this_run_.count(b.digest);
         // Named, not temporaries inside the co_await: gcc 12 destroys a lambda temporary with
@@ -833,12 +841,12 @@ private:
     netio::UringLoop loop_;
     netio::HttpClient http_;
     // Four limits, so that waiting never holds a permit someone else's progress needs: listing
-    // requests; artifacts in flight (bounds memory: manifests and coroutine frames, and requests
-    // for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the source (jobs).
-    // Uploads trail their downloads, so the extra blob permits let the next downloads start while
-    // the last ones' uploads finish: a capped or slow target never leaves the source idle. An
-    // artifact waiting for another one's upload of a shared blob holds an artifact permit, never a
-    // blob one; a download never waits for an upload.
+    // requests; artifacts in flight (8x jobs; bounds memory: manifests and coroutine frames, and
+    // requests for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the
+    // source (jobs). A blob's download is started before its upload waits for a blob permit, and
+    // uploads trail their downloads: the artifacts in flight are enough that a capped or slow
+    // target never leaves the source idle. An artifact waiting for another one's upload of a
+    // shared blob holds an artifact permit, never a blob one; a download never waits for an upload.
     netio::Semaphore list_sem_;
     netio::Semaphore tag_sem_;
     netio::Semaphore blob_sem_;
