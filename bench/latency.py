@@ -37,6 +37,7 @@ import daemonenv  # noqa: E402
 import registry  # noqa: E402
 from corpus import RegistryClient  # noqa: E402
 from e2e import timed  # noqa: E402
+from wan import Wanem  # noqa: E402
 
 MiB = 1 << 20
 SECRET = "latency-bench-webhook-secret"
@@ -55,10 +56,10 @@ def skopeo_copy(src, dst):
     return wall
 
 
-def wait_present(client, repo, tag, digest, t0, timeout, out, key):
+def wait_present(client, repo, tag, digest, t0, timeout, out, key, poll_s=POLL_S):
     """Polls HEAD repo:tag until it answers with `digest`; stores seconds since t0 in out[key]."""
     deadline = t0 + timeout
-    for _ in range(int(timeout / POLL_S) + 100):
+    for _ in range(int(timeout / poll_s) + 100):
         try:
             r = client.request("HEAD", f"/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT})
             if r.status == 200 and r.headers.get("Docker-Content-Digest") == digest:
@@ -68,19 +69,37 @@ def wait_present(client, repo, tag, digest, t0, timeout, out, key):
             pass
         if time.monotonic() >= deadline:
             return
-        time.sleep(POLL_S)
+        time.sleep(poll_s)
 
 
-def time_to_replicas(replicas, repo, tag, digest, t0, timeout):
+def time_to_replicas(replicas, repo, tag, digest, t0, timeout, poll_s=POLL_S):
+    """Seconds from t0 until each replica serves repo:tag at `digest` (polled on the replica itself,
+    not through its link). Big images are polled every 50 ms so the polling costs the replicas
+    little CPU."""
     out = {}
     threads = [threading.Thread(target=wait_present,
-                                args=(RegistryClient(r.host), repo, tag, digest, t0, timeout, out, r.name))
+                                args=(RegistryClient(r.host), repo, tag, digest, t0, timeout, out, r.name, poll_s))
                for r in replicas]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout + 5)
     return out
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def cpu_of(procs):
+    """{name: CPU seconds} for {name: pid}."""
+    return {name: cpu_s(pid) for name, pid in procs.items()}
 
 
 def pctl(values, q):
@@ -97,12 +116,29 @@ def main(argv=None):
     ap.add_argument("--big-mib", type=int, default=500)
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120.0, help="per push, seconds")
+    ap.add_argument("--replica-link", default="",
+                    help="put each replica (and the single-copy target) behind wanem with this rate, e.g. "
+                         "400Mbit: replicas in other regions, each with its own link (default: loopback)")
+    ap.add_argument("--replica-delay-ms", type=float, default=20, help="one-way delay of --replica-link")
+    ap.add_argument("--wanem", default=os.path.join(HERE, "..", "build", "tests", "tools", "wanem"))
     ap.add_argument("--json", help="write the results as JSON to FILE")
     a = ap.parse_args(argv)
     os.environ.setdefault("CROSSDOCK_BIN", os.path.join(HERE, "..", "build", "tools", "crossdock"))
     work = tempfile.mkdtemp(prefix="crossdock-latency-")
-    results = {"pushes": a.pushes, "replicas": a.replicas, "big_mib": a.big_mib}
-    regs = []
+    results = {"pushes": a.pushes, "replicas": a.replicas, "big_mib": a.big_mib,
+               "replica_link": a.replica_link or "loopback"}
+    regs, links = [], []
+
+    def reachable(reg):
+        """The URL the daemon and the baseline use for a replica: its own, or a wanem in front."""
+        if not a.replica_link:
+            return reg.url, reg.host
+        link_args = argparse.Namespace(delay_ms=a.replica_delay_ms, conn_rate=a.replica_link,
+                                       total_rate=a.replica_link)
+        w = Wanem(a.wanem, reg.host, link_args, work, f"{reg.name}-{len(links)}").start()
+        links.append(w)
+        return f"http://{w.host}", w.host
+
     daemon = daemonenv.Daemon(os.path.join(work, "state"), os.path.join(work, "serve.log"))
     try:
         daemon.start()
@@ -116,7 +152,7 @@ def main(argv=None):
         assert api.post("/v1/registries", {"name": "primary", "url": primary.url,
                                            "webhook_secret": SECRET}).status == 201
         for r in replicas:
-            assert api.post("/v1/registries", {"name": r.name, "url": r.url}).status == 201
+            assert api.post("/v1/registries", {"name": r.name, "url": reachable(r)[0]}).status == 201
         resp = api.post("/v1/replications", {"name": "bench", "primary": "primary",
                                              "replicas": [r.name for r in replicas], "schedule": ""})
         assert resp.status == 201, resp.describe()
@@ -153,35 +189,47 @@ def main(argv=None):
             # gets the image through a push (its events are replicated too, and awaited).
             skopeo_copy(f"{staging.host}/{repo}:v1", f"{primary.host}/{repo}:v1")
             t0 = time.monotonic()
-            warm = time_to_replicas(replicas, repo, "v1", digest, t0, a.timeout * 10)
+            warm = time_to_replicas(replicas, repo, "v1", digest, t0, a.timeout * 10, poll_s=0.05)
             if len(warm) != len(replicas):
                 raise RuntimeError("the big image did not reach every replica\n" + daemon.describe())
-            single = {}
+            single, single_cpu = {}, {}
             for tool in ("crossdock", "skopeo"):
                 with registry.Registry(name=f"single-{tool}") as one:
+                    procs = {"primary": primary.proc.pid, "target": one.proc.pid}
+                    before = cpu_of(procs)
+                    one_host = reachable(one)[1]
                     if tool == "crossdock":
-                        cmd = [os.environ["CROSSDOCK_BIN"], "mirror", f"{primary.host}/big", f"{one.host}/big",
+                        cmd = [os.environ["CROSSDOCK_BIN"], "mirror", f"{primary.host}/big", f"{one_host}/big",
                                "--insecure", "--quiet"]
                     else:
                         cmd = ["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
-                               f"docker://{primary.host}/{repo}:v1", f"docker://{one.host}/{repo}:v1"]
-                    rc, wall, _, _, _ = timed(cmd, 1800, os.devnull)
+                               f"docker://{primary.host}/{repo}:v1", f"docker://{one_host}/{repo}:v1"]
+                    rc, wall, _, tool_cpu, _ = timed(cmd, 1800, os.devnull)
                     ok = rc == 0 and check.manifest_digest(RegistryClient(one.host), repo, "v1") == digest
                     single[tool] = round(wall, 2) if ok else None
+                    after = cpu_of(procs)
+                    single_cpu[tool] = {k: round(after[k] - before[k], 2) for k in procs}
+                    single_cpu[tool][tool] = round(tool_cpu, 2)
             # The measured push: the same content under a new tag would be mounted, not copied,
             # so the replicas get fresh registries' worth of work: a second big image.
             spec2 = bigcorpus.Spec(repos=1, bases=1, base_size=a.big_mib * MiB, runtimes=1, runtime_size=MiB,
                                    app_size=MiB, namespace="big2", tags=("v1",), seed=spec.seed + 1)
             desc2 = bigcorpus.generate(sc, spec2, log=lambda *_: None)
             repo2, digest2 = desc2["tags"][0]["repository"], desc2["tags"][0]["digest"]
+            procs = {"primary": primary.proc.pid, "crossdock serve": daemon.pid,
+                     **{r.name: r.proc.pid for r in replicas}}
             skopeo_copy(f"{staging.host}/{repo2}:v1", f"{primary.host}/{repo2}:v1")
+            before = cpu_of(procs)
             t0 = time.monotonic()
-            got = time_to_replicas(replicas, repo2, "v1", digest2, t0, a.timeout * 10)
+            got = time_to_replicas(replicas, repo2, "v1", digest2, t0, a.timeout * 10, poll_s=0.05)
+            after = cpu_of(procs)
             if len(got) != len(replicas):
                 raise RuntimeError("the big image did not reach every replica\n" + daemon.describe())
             all_s = max(got.values())
             results["big"] = {"to_each_s": {k: round(v, 2) for k, v in sorted(got.items())},
                               "to_all_s": round(all_s, 2), "single_copy_s": single,
+                              "cpu_s": {k: round(after[k] - before[k], 2) for k in procs},
+                              "single_copy_cpu_s": single_cpu, "cpus": os.cpu_count(),
                               "ratio_vs_single_crossdock": round(all_s / single["crossdock"], 2)
                               if single.get("crossdock") else None,
                               "ratio_vs_single_skopeo": round(all_s / single["skopeo"], 2)
@@ -189,10 +237,14 @@ def main(argv=None):
             print(json.dumps(results["big"]), flush=True)
     finally:
         daemon.stop()
+        for w in links:
+            w.stop()
         for r in regs:
             r.stop()
 
-    print(f"\n{a.pushes} small pushes to the primary, {a.replicas} replicas (loopback):\n")
+    where = (f"each behind its own {a.replica_link} link, {a.replica_delay_ms:g} ms one way"
+             if a.replica_link else "loopback")
+    print(f"\n{a.pushes} small pushes to the primary, {a.replicas} replicas ({where}):\n")
     print("| measure | p50 ms | p99 ms | max ms | mean ms |\n|---|---:|---:|---:|---:|")
     for k, label in (("per_replica_ms", "push done -> pullable on a replica"),
                      ("all_ms", "push done -> pullable on every replica")):
@@ -203,6 +255,11 @@ def main(argv=None):
         print(f"\n{a.big_mib} MiB image: to every replica {b['to_all_s']} s; a single copy primary -> one registry: "
               f"crossdock mirror {b['single_copy_s'].get('crossdock')} s, skopeo copy {b['single_copy_s'].get('skopeo')} s; "
               f"ratio {b['ratio_vs_single_crossdock']} (vs crossdock), {b['ratio_vs_single_skopeo']} (vs skopeo)")
+        total = sum(b["cpu_s"].values())
+        one = sum(b["single_copy_cpu_s"].get("crossdock", {}).values())
+        print(f"CPU seconds while replicating: {b['cpu_s']} = {total:.1f} s on {b['cpus']} CPUs "
+              f"(at least {total / b['cpus']:.1f} s of wall time); single crossdock copy: "
+              f"{b['single_copy_cpu_s'].get('crossdock')} = {one:.1f} s (at least {one / b['cpus']:.1f} s)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)
