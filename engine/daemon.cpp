@@ -125,9 +125,7 @@ bool Daemon::start() {
 
     recover();
     remove_stale_caches();
-    if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
-        log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
-    next_prune_ = SteadyClock::now() + std::chrono::hours(1);
+    prune();
 
     netio::HttpServerOptions so;
     so.log = [this](std::string_view msg) { log("control socket: " + std::string(msg)); };
@@ -166,7 +164,14 @@ bool Daemon::start() {
     return true;
 }
 
-// Tasks a previous process left Queued or InProgress: continued if their rule still exists,
+// The task's rule (or replication group) still exists.
+bool Daemon::owner_exists(const TaskRecord& t) {
+    if (t.rule_id) return store_->get_rule(*t.rule_id).ok();
+    if (t.group_id) return store_->get_group(*t.group_id).ok();
+    return false;
+}
+
+// Tasks a previous process left Queued or InProgress: continued if their rule (or group) still exists,
 // failed as interrupted otherwise. Never lost.
 void Daemon::recover() {
     auto left = store_->interrupted_tasks();
@@ -175,10 +180,10 @@ void Daemon::recover() {
         return;
     }
     for (const auto& t : left.value()) {
-        const bool rule_alive = t.rule_id && store_->get_rule(*t.rule_id).ok();
-        if (!rule_alive) {
-            (void)store_->finish_task(t.id, TaskStatus::failed, "interrupted: the daemon stopped and the rule is gone");
-            log("task " + std::to_string(t.id) + " failed: interrupted, and its rule is gone");
+        if (!owner_exists(t)) {
+            (void)store_->finish_task(t.id, TaskStatus::failed,
+                                      "interrupted: the daemon stopped and its rule or replication group is gone");
+            log("task " + std::to_string(t.id) + " failed: interrupted, and its rule or replication group is gone");
             continue;
         }
         if (t.status == TaskStatus::in_progress) {
@@ -188,7 +193,7 @@ void Daemon::recover() {
             }
             log("task " + std::to_string(t.id) + " (rule " + t.rule_name + ") was interrupted; resuming it");
         }
-        queue_.push_back(t.id);
+        enqueue(t);
     }
 }
 
@@ -267,10 +272,18 @@ void Daemon::tick() {
             enqueue(t.value());
         }
     }
-    if (SteadyClock::now() >= next_prune_) {
-        next_prune_ = SteadyClock::now() + std::chrono::hours(1);
-        if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
-            log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
+    if (SteadyClock::now() >= next_prune_) prune();
+}
+
+// Retention, hourly: finished tasks (with their items and deliveries) and processed events.
+void Daemon::prune() {
+    next_prune_ = SteadyClock::now() + std::chrono::hours(1);
+    if (auto pruned = store_->prune_tasks(o_.retention); pruned.ok() && *pruned > 0)
+        log("pruned " + std::to_string(*pruned) + " finished tasks past the retention");
+    if (o_.retention.older_than_days) {
+        const Time before = now_ms() - std::chrono::days(*o_.retention.older_than_days);
+        if (auto pruned = store_->prune_events(before); pruned.ok() && *pruned > 0)
+            log("pruned " + std::to_string(*pruned) + " processed events past the retention");
     }
 }
 
@@ -553,8 +566,7 @@ void Daemon::finish(Running& r, MirrorSummary& s) {
     std::string reason;
     if (r.stop == StopWhy::cancel) {
         status = TaskStatus::stopped;
-        const bool rule_gone = !store_->get_rule(r.rule_id).ok();
-        reason = rule_gone ? "stopped: its rule was deleted" : "stopped on request";
+        reason = owner_exists(r.task) ? "stopped on request" : "stopped: its rule or replication group was deleted";
     } else {
         std::string errors;
         for (const auto& e : s.errors) errors += (errors.empty() ? "" : "; ") + e;

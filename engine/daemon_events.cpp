@@ -144,24 +144,19 @@ void Daemon::process_events() {
         }
     }
     std::vector<int64_t> tasks;
-    for (auto& [rule_id, scope] : for_rule) {
-        auto t = store_->create_task(rule_id, Trigger::event, scope);
+    auto queue_task = [&](netio::Result<TaskRecord> t, const std::string& owner) {
         if (!t.ok()) {
-            log("cannot create an event task for rule " + std::to_string(rule_id) + ": " + t.error().message);
-            continue;
+            log("cannot create an event task for " + owner + ": " + t.error().message);
+            return;
         }
         tasks.push_back(t->id);
         enqueue(t.value());
-    }
-    for (auto& [group_id, scope] : for_group) {
-        auto t = store_->create_group_task(group_id, Trigger::event, scope);
-        if (!t.ok()) {
-            log("cannot create an event task for replication group " + std::to_string(group_id) + ": " + t.error().message);
-            continue;
-        }
-        tasks.push_back(t->id);
-        enqueue(t.value());
-    }
+    };
+    for (auto& [rule_id, scope] : for_rule)
+        queue_task(store_->create_task(rule_id, Trigger::event, scope), "rule " + std::to_string(rule_id));
+    for (auto& [group_id, scope] : for_group)
+        queue_task(store_->create_group_task(group_id, Trigger::event, scope),
+                   "replication group " + std::to_string(group_id));
     if (auto st = store_->mark_events_processed(taken, tasks); !st.ok())
         log("cannot mark events processed: " + st.error().message);
     if (tasks.empty())

@@ -111,6 +111,8 @@ private:
 
     bool start();
     void recover();
+    bool owner_exists(const TaskRecord& t);
+    void prune();
     void watch_signals();
     void on_signal();
     void tick();

@@ -44,6 +44,8 @@ import http.client
 import itertools
 import json
 import os
+import signal
+import sqlite3
 import re
 import subprocess
 import sys
@@ -831,6 +833,32 @@ class ReplicationGroupTest(EventsTestCase):
         # A disabled group cannot be triggered.
         self.expect(api.post("/v1/replications/g7/disable"), 200)
         self.expect(api.post("/v1/replications/g7/trigger"), 409, "trigger a disabled group")
+
+    def test_group_task_survives_a_restart(self):
+        """A group task left Queued or InProgress by a daemon killed with SIGKILL is continued by
+        the next daemon (not failed as if its owner were gone: group tasks have no rule)."""
+        state = self.state_dir()
+        d1 = self.start_daemon(state_dir=state)
+        api = d1.api
+        primary, replicas, names = self.setup_group(d1, "g9", notify=False)
+        c = corpus.push_corpus(primary.client(), "all", max_size=64 * KiB, base_size=32 * KiB)
+        queued = self.expect(api.post("/v1/replications/g9/trigger"), 202, "trigger the group")
+        d1.send(signal.SIGKILL)             # at once: the task is Queued or just started
+        self.assertEqual(d1.wait(10), -signal.SIGKILL, d1.describe())
+        d1.kill()
+        # What the dead daemon left, read from its database (the state file is SQLite).
+        with sqlite3.connect(f"file:{os.path.join(state, 'state.db')}?mode=ro", uri=True) as db:
+            (left,) = db.execute("SELECT status FROM tasks WHERE id = ?", (queued["id"],)).fetchone()
+        if left not in ("Queued", "InProgress"):
+            self.skipTest(f"the task ended ({left}) before the kill: nothing was left to continue")
+        d2 = self.start_daemon(state_dir=state)
+        api = d2.api
+        task = self.wait_task(api, queued["id"])
+        self.assertEqual(task["status"], "Succeeded", task)
+        for n, reg in zip(names, replicas):
+            for e in c.entries:
+                self.assertEqual(check.manifest_digest(reg.client(), e.repository, e.tag), e.digest,
+                                 f"{n}: {e.repository}:{e.tag}")
 
     def test_cli_status_and_where(self):
         r = subprocess.run([CROSSDOCK, "--help"], stdin=subprocess.DEVNULL, capture_output=True,
