@@ -1,6 +1,8 @@
 #include "engine/daemon.h"
 
+#include <grp.h>
 #include <poll.h>
+#include <pwd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/signalfd.h>
@@ -40,6 +42,23 @@ TaskItem to_task_item(const MirrorItem& m) {
         t.action = ItemAction::failed;
     }
     return t;
+}
+
+// Whether user `uid` belongs to group `gid` (primary or supplementary), per the system's user database.
+bool user_in_group(uid_t uid, gid_t gid) {
+    passwd pw{};
+    passwd* found = nullptr;
+    std::vector<char> buf(16384);
+    if (::getpwuid_r(uid, &pw, buf.data(), buf.size(), &found) != 0 || !found) return false;
+    int n = 64;
+    std::vector<gid_t> groups(static_cast<size_t>(n));
+    if (::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &n) < 0) {
+        if (n <= 0 || n > 65536) return false;
+        groups.resize(static_cast<size_t>(n));
+        if (::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &n) < 0) return false;
+    }
+    groups.resize(static_cast<size_t>(n));
+    return std::find(groups.begin(), groups.end(), gid) != groups.end();
 }
 
 int Daemon::run() {
@@ -132,8 +151,7 @@ bool Daemon::start() {
     if (o_.socket_group) {
         const gid_t group = *o_.socket_group;
         so.allow_peer = [group](const ucred& peer) {
-            if (peer.uid == 0 || peer.uid == ::geteuid() || peer.gid == group) return true;
-            return false;
+            return peer.uid == 0 || peer.uid == ::geteuid() || peer.gid == group || user_in_group(peer.uid, group);
         };
     }
     std::error_code ec;
