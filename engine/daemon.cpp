@@ -166,7 +166,7 @@ bool Daemon::start() {
     }
     if (!o_.listen_host.empty()) {
         netio::HttpServerOptions to;
-        to.max_body_bytes = 64 << 10;
+        to.max_body_bytes = ControlApi::kMaxBodyBytes;  // webhook envelopes of a big push list many events
         to.log = [this](std::string_view msg) { log("http: " + std::string(msg)); };
         tcp_server_ = std::make_unique<netio::HttpServer>(
             loop_, netio::SyncHandler([this](netio::HttpRequest& req) { return serve_tcp(req); }), to);
