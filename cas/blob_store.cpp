@@ -747,6 +747,19 @@ BlobRef BlobStore::lookup(std::string_view digest) {
     return nullptr;
 }
 
+bool BlobStore::drop(std::string_view digest) {
+    if (!is_sha256_digest(digest)) return false;
+    const std::string hex(digest.substr(kSha256Prefix.size()));
+    auto c = committed_.find(hex);
+    if (c == committed_.end() || live_blob(hex)) return false;
+    ::unlink((blobs_dir_ + "/" + hex).c_str());
+    used_bytes_ -= c->second.size;
+    lru_.erase(c->second.lru);
+    committed_.erase(c);
+    live_.erase(hex);
+    return true;
+}
+
 BlobRef BlobStore::open_committed(const std::string& hex) {
     auto it = committed_.find(hex);
     assert(it != committed_.end());

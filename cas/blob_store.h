@@ -287,6 +287,10 @@ public:
     netio::Result<Acquired> acquire(std::string_view digest, uint64_t size);
     // The committed or in-progress blob, or nullptr (also for an invalid digest).
     BlobRef lookup(std::string_view digest);
+    // Removes a committed blob that nobody holds now, before the LRU would: a cache that lives for
+    // one run frees each blob once every target has it. False (nothing done) if the blob is held,
+    // not committed, or the digest is invalid.
+    bool drop(std::string_view digest);
 
     uint64_t used_bytes() const noexcept { return used_bytes_; }  // committed bytes
     size_t blob_count() const noexcept { return committed_.size(); }  // committed blobs

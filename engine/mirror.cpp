@@ -706,7 +706,18 @@ private:
         auto& flight = *(t.blob_flights[key] = std::make_unique<Flight>());
         auto st = co_await ensure_blob_once(t, src_repo, dst_repo, b, bytes, flight);
         flight.finish(loop_, st);
+        if (st.ok()) release_when_everywhere(t, b.digest);
         co_return st;
+    }
+
+    // A temporary cache lets a blob go once every target has it: the space is freed as the run
+    // goes, not all at the end. (Another repository of a target that needs it later mounts it; if
+    // the registry refuses the mount, it is fetched again.)
+    void release_when_everywhere(Target& t, const std::string& digest) {
+        if (!remove_cache_dir_ || !cas_) return;
+        auto& have = targets_with_[digest];
+        have.insert(&t);
+        if (have.size() == targets_.size() && cas_->drop(digest)) targets_with_.erase(digest);
     }
 
     Task<netio::Status> ensure_blob_once(Target& t, const std::string& src_repo, const std::string& dst_repo,
@@ -861,6 +872,7 @@ private:
     size_t large_fills_active_ = 0;  // of which ranged (at least range_threshold_bytes)
     std::map<std::string, netio::Error> failed_blobs_;  // digest -> why its download failed
     std::set<std::string> fetched_this_run_;
+    std::map<std::string, std::set<Target*>> targets_with_;  // digest -> targets that have it
     MirrorSummary summary_;
     bool stop_ = false;
     size_t repos_scanned_ = 0;

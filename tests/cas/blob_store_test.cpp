@@ -243,6 +243,40 @@ TEST_F(BlobStoreTest, WriteInOrderCommits) {
     EXPECT_TRUE(write_sync(b, 0, std::string_view(content).substr(0, 10)).ok());
 }
 
+TEST_F(BlobStoreTest, DropRemovesACommittedBlobNobodyHolds) {
+    BlobStore store(loop_, options());
+    const std::string content = random_bytes(3 * kChunk + 7, 9);
+    const std::string digest = cas::sha256_digest(content);
+    auto a = store.acquire(digest, content.size());
+    ASSERT_TRUE(a.ok()) << a.error().message;
+    BlobRef b = a->blob;
+    EXPECT_FALSE(store.drop(digest));  // being filled
+    Stream s;
+    s.blob = b;
+    s.content = &content;
+    s.end = content.size();
+    s.max_piece = 100 * 1024;
+    s.next();
+    ASSERT_TRUE(wait_not_partial(b));
+    ASSERT_EQ(b->state(), BlobState::committed) << b->error().message;
+    EXPECT_FALSE(store.drop(digest));  // still held
+    EXPECT_TRUE(fs::exists(blob_path(digest)));
+    a = netio::Error::make("released");
+    b.reset();
+    s.blob.reset();
+    EXPECT_TRUE(store.drop(digest));
+    EXPECT_FALSE(fs::exists(blob_path(digest)));
+    EXPECT_EQ(store.used_bytes(), 0u);
+    EXPECT_EQ(store.blob_count(), 0u);
+    EXPECT_EQ(store.lookup(digest), nullptr);
+    EXPECT_FALSE(store.drop(digest));  // gone
+    EXPECT_FALSE(store.drop("sha256:nothex"));
+    // Acquiring it again starts a new fill.
+    auto again = store.acquire(digest, content.size());
+    ASSERT_TRUE(again.ok());
+    EXPECT_TRUE(again->filler);
+}
+
 TEST_F(BlobStoreTest, EmptyBlobCommitsWithoutWrites) {
     BlobStore store(loop_, options());
     const std::string digest = cas::sha256_digest("");
