@@ -271,6 +271,21 @@ Task<Status> RegistryClient::fetch_token(std::string key, std::vector<std::strin
     co_return netio::ok_status();
 }
 
+Task<void> RegistryClient::probe(std::string base, bool retry, std::optional<Result<netio::Response>>* out,
+                                 netio::WaitGroup* wg) {
+    auto req = make_request("GET", base + "/v2/");
+    req.timeout_ms = 30000;
+    try {
+        auto res = co_await send(req, std::vector<std::string>{}, nullptr, retry);
+        out->emplace(std::move(res));
+    } catch (const std::exception& e) {
+        out->emplace(error(opts_.host + ": " + e.what()));
+    }
+    wg->done();
+}
+
+// With `insecure` and no scheme given, https and http are probed at once (one round trip instead
+// of two on a plain-http registry); https wins when both answer.
 Task<Status> RegistryClient::ping() {
     std::vector<std::string> schemes;
     if (opts_.scheme.empty()) {
@@ -279,17 +294,22 @@ Task<Status> RegistryClient::ping() {
     } else {
         schemes.push_back(opts_.scheme + "://");
     }
+    std::vector<std::optional<Result<netio::Response>>> results(schemes.size());
+    netio::WaitGroup wg(http_.loop());
+    for (size_t i = 0; i < schemes.size(); ++i) {
+        wg.add();
+        netio::spawn(probe(schemes[i] + opts_.host, /*retry=*/i + 1 == schemes.size(), &results[i], &wg));
+    }
+    co_await wg.wait();
     netio::Error last = error(opts_.host + ": not reachable");
-    for (const auto& scheme : schemes) {
-        base_url_ = scheme + opts_.host;
-        auto req = make_request("GET", url("/v2/"));
-        req.timeout_ms = 30000;
-        auto res = co_await send(req, std::vector<std::string>{}, nullptr, /*retry=*/scheme == schemes.back());
+    for (size_t i = 0; i < schemes.size(); ++i) {
+        auto& res = *results[i];
         if (!res.ok()) {
             if (res.error().code == std::errc::permission_denied) co_return res.error();
             last = netio::Error{res.error().code, opts_.host + ": " + res.error().message};
             continue;
         }
+        base_url_ = schemes[i] + opts_.host;
         if (res->status == 200) co_return netio::ok_status();
         if (res->status == 401) {
             co_return netio::Error{std::make_error_code(std::errc::permission_denied),

@@ -111,6 +111,8 @@ public:
     const std::string& base_url() const noexcept { return base_url_; }
 
 private:
+    // One GET /v2/ at `base` ("scheme://host"), its result into *out; for ping()'s probes.
+    Task<void> probe(std::string base, bool retry, std::optional<Result<netio::Response>>* out, netio::WaitGroup* wg);
     Task<Result<netio::Response>> send(netio::Request req, std::vector<std::string> scopes,
                                        netio::BodySink* sink = nullptr, bool retry = true);
     Task<Result<netio::Response>> send_once(netio::Request& req, const std::vector<std::string>& scopes,
