@@ -115,7 +115,7 @@ public:
     explicit Mirror(const MirrorOptions& o)
         : opts_(o),
           http_(loop_),
-          list_sem_(loop_, std::max(1u, o.jobs)),
+          list_sem_(loop_, 4 * std::max(1u, o.jobs)),
           tag_sem_(loop_, 8 * std::max(1u, o.jobs)),
           blob_sem_(loop_, 2 * std::max(1u, o.jobs)),
           fill_sem_(loop_, std::max(1u, o.jobs)) {}
@@ -852,7 +852,8 @@ private:
     netio::UringLoop loop_;
     netio::HttpClient http_;
     // Four limits, so that waiting never holds a permit someone else's progress needs: listing
-    // requests; artifacts in flight (8x jobs; bounds memory: manifests and coroutine frames, and
+    // requests (4x jobs: tag lists are small, and a namespace's are fetched in one round trip);
+    // artifacts in flight (8x jobs; bounds memory: manifests and coroutine frames, and
     // requests for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the
     // source (jobs). A blob's download is started before its upload waits for a blob permit, and
     // uploads trail their downloads: the artifacts in flight are enough that a capped or slow
