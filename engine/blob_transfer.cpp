@@ -289,7 +289,8 @@ netio::Task<netio::Status> fill_blob(RegistryClient& source, std::string repo, c
                 w.done();
             }(source, repo, blob, opts, stats, shared, ranged, wg));
         };
-        for (unsigned i = 0; i < workers; ++i) shared.add_worker();
+        // A worker runs at once and may add workers itself (streams_now): count the active ones.
+        for (unsigned i = 0; i < workers && shared.active < workers && !shared.pieces.empty(); ++i) shared.add_worker();
         co_await wg.wait();
         shared.add_worker = nullptr;
         if (shared.error) {

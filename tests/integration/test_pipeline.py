@@ -19,7 +19,12 @@ forced):
 - a download that fails verification leaves no upload session (and no tag)
   on the targets;
 - with three targets, the source is read once: bytes_read_source equals the
-  unique blob bytes.
+  unique blob bytes;
+- ``--streams auto`` through the WAN emulator (tests/tools/wanem): the stream
+  tuner raises the stream count while large blobs download and the workers it
+  adds join a blob that is already being fetched; every tag arrives, nothing
+  fails, and the source is still read once (a regression test for a worker
+  that took a piece from an emptied queue: garbage ranges, re-reads, SIGSEGV).
 
 Registry logs: besides the access log, distribution writes a logrus line
 'msg="response completed"' (or "response completed with error") when it
@@ -58,6 +63,7 @@ from registry import Registry, no_proxy_opener  # noqa: E402
 CROSSDOCK = os.environ.get("CROSSDOCK_BIN") or os.path.join(
     HERE, "..", "..", "build", "tools", "crossdock")
 RUN_TIMEOUT = 180          # seconds for one crossdock invocation
+BENCH = os.path.join(HERE, "..", "..", "bench")   # bigcorpus.py: big layers streamed to a registry
 MiB = 1024 * 1024
 
 DEFAULT_STREAMS = 4        # crossdock's --streams default
@@ -112,6 +118,74 @@ class Run:
                 raise AssertionError(f"--json output is not JSON ({e})"
                                      + self.describe()) from None
         return self._summary
+
+
+def wanem_binary():
+    """The WAN emulator (tests/tools/wanem): $WANEM_BIN (set by meson), else next to the
+    crossdock under test in its build tree, else in this checkout's build/; None if none is
+    executable."""
+    cands = [os.environ.get("WANEM_BIN"),
+             os.path.join(os.path.dirname(os.path.abspath(CROSSDOCK)), "..", "tests", "tools",
+                          "wanem"),
+             os.path.join(HERE, "..", "..", "build", "tests", "tools", "wanem")]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return os.path.normpath(c)
+    return None
+
+
+class Wanem:
+    """One wanem process in front of ``upstream`` (host:port): ``wanem --listen 127.0.0.1:0
+    --upstream HOST:PORT [args]`` prints "listening 127.0.0.1:PORT" once it accepts."""
+
+    def __init__(self, binary, upstream, args):
+        self.cmd = [binary, "--listen", "127.0.0.1:0", "--upstream", upstream] + list(args)
+        self.proc = None
+        self.host = None
+
+    def start(self, timeout=10.0):
+        import selectors
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        line = b""
+        deadline = time.monotonic() + timeout
+        try:
+            for _ in range(int(timeout / 0.2) + 10):
+                if line.endswith(b"\n") or time.monotonic() >= deadline:
+                    break
+                if not sel.select(timeout=0.2):
+                    if self.proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 256)
+                if not chunk:
+                    break
+                line += chunk
+        finally:
+            sel.close()
+        m = re.match(rb"listening (127\.0\.0\.1:\d+)", line)
+        if not m:
+            err = self.stop()
+            raise RuntimeError(f"wanem did not start ({' '.join(self.cmd)}): stdout {line!r}, "
+                               f"stderr {err[-500:]!r}")
+        self.host = m.group(1).decode()
+        return self
+
+    def stop(self):
+        """SIGTERM (SIGKILL after 5 s); returns what wanem wrote on stderr."""
+        p, self.proc = self.proc, None
+        if p is None:
+            return ""
+        if p.poll() is None:
+            p.terminate()
+        try:
+            _, err = p.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate(timeout=5)
+        return (err or b"").decode("utf-8", "replace")
 
 
 def crossdock(*args, timeout=RUN_TIMEOUT):
@@ -644,6 +718,71 @@ class PipelineTest(unittest.TestCase):
         big = blob_gets(entries, CORP.big_layer.digest)
         self.assertTrue(all(g.status == 206 for g in big) and len(big) >= 2,
                         f"the {CORP.big_layer.size}-byte layer was not fetched by ranges: {big}")
+
+    # -- 9 -----------------------------------------------------------------
+    def test_streams_auto_adds_streams_mid_blob(self):
+        """--streams auto through a WAN: streams are added to large blobs being fetched.
+
+        The source sits behind wanem (20 ms each way, 100 Mbit/s per connection, 1 Gbit/s in
+        all, as bench/wan.py); one stream cannot fill that link, so the tuner (sampled every
+        250 ms) starts at 4 streams and doubles while the aggregate grows.  With --jobs 1 the
+        downloads run one at a time, so the tuned total goes to the one large blob being
+        fetched, and it grows between and within blobs.  The two 40 MiB layers are cut into
+        three ranged pieces each (16, 16, 8 MiB): fewer than the streams the tuner asks for.
+        A worker that wants more streams starts them, and they run at once, each taking a
+        piece; the worker must then find the queue empty.  The old code took a piece from the
+        emptied queue anyway: garbage ranges ("range 8319115473763449460-... still
+        incomplete"), ranges read again, or SIGSEGV (exit -11).
+
+        This shape (about 96 MiB; 5 s with the fix) is the smallest found that made the old
+        build (21fbdbd) fail every time (17 of 17 runs): SIGSEGV in 8 of them, and the
+        others exited 0 having read the source 1.4 to 4.3 times over (the read-once check
+        below).  Four 40 MiB layers crash it more often (7 of 10) but take twice as long; one
+        40 MiB layer, or the downloads in parallel (default --jobs, each large blob then gets
+        a share of the tuned total), failed in only some runs."""
+        wanem = wanem_binary()
+        if wanem is None:
+            self.skipTest("the WAN emulator is not built (tests/tools/wanem; set WANEM_BIN)")
+        if BENCH not in sys.path:
+            sys.path.insert(0, BENCH)
+        import bigcorpus  # noqa: E402  (bench/bigcorpus.py streams layers; corpus.py holds them)
+
+        src = self.start_registry("auto-src")
+        tgt = self.start_registry("auto-tgt")
+        # 2 repositories, one tag each (+ latest): a 40 MiB base layer each (ranged: >= 32 MiB),
+        # an 8 MiB runtime layer each, small layers and configs.
+        spec = bigcorpus.Spec(repos=2, bases=2, base_size=40 * MiB, runtimes=2,
+                              runtime_size=8 * MiB, app_size=0, namespace="auto", tags=("v1",))
+        desc = bigcorpus.generate(src.client(), spec)
+        big = [b for b in desc["blobs"].values() if b["size"] >= RANGE_THRESHOLD]
+        self.assertEqual(len(big), spec.bases, f"large blobs in the corpus: {big}")
+
+        wan = Wanem(wanem, src.host, ["--delay-ms", "20", "--conn-rate", "100Mbit",
+                                      "--total-rate", "1Gbit"]).start()
+        self.addCleanup(wan.stop)
+        run = crossdock("mirror", f"{wan.host}/auto", f"{tgt.host}/dst", "--insecure", "--json",
+                        "--streams", "auto", "--jobs", "1", timeout=120)
+        note(f"--streams auto through wanem: exit {run.returncode} in {run.seconds:.1f}s")
+        self.assertExit(run, 0)
+        failed = [ln for ln in run.stderr.splitlines() if re.match(r"\s*failed\b", ln)]
+        self.assertEqual(failed, [], "failed lines" + run.describe())
+        self.assertNotIn("still incomplete", run.stderr, run.describe())
+        s = run.summary
+        self.assertEqual((s["failed"], s["errors"]), (0, []), run.describe())
+        self.assertEqual(s["copied"], len(desc["tags"]), run.describe())
+
+        cl = tgt.client()
+        for t in desc["tags"]:
+            repo = f"dst/{t['relative']}"
+            self.assertEqual(check.manifest_digest(cl, repo, t["tag"]), t["digest"],
+                             f"{tgt.host}/{repo}:{t['tag']}" + run.describe())
+            self.assertEqual(check.missing_content(cl, repo, t["tag"]), [],
+                             f"{tgt.host}/{repo}:{t['tag']}" + run.describe())
+        # Each piece is fetched by one stream: the source is read once, however many streams
+        # joined (a worker that took a stale piece from an emptied queue read ranges again).
+        self.assertEqual(s["bytes_read_source"], desc["unique_blob_bytes"],
+                         f"bytes read from the source vs the corpus' unique blob bytes "
+                         f"({desc['unique_blobs']} blobs)" + run.describe())
 
 
 if __name__ == "__main__":
