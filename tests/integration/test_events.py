@@ -860,6 +860,47 @@ class ReplicationGroupTest(EventsTestCase):
                 self.assertEqual(check.manifest_digest(reg.client(), e.repository, e.tag), e.digest,
                                  f"{n}: {e.repository}:{e.tag}")
 
+    def test_status_lagging_while_a_task_runs(self):
+        """While a group task is under way the replicas are Lagging (a full scan pending, bytes
+        behind counted from the running task), and InSync once it has finished."""
+        from pipeproxy import PipeProxy
+        from test_daemon import push_big_image
+        d = self.start_daemon()
+        api = d.api
+        primary = self.start_registry(name="g10-p")
+        replicas = [self.start_registry(name=f"g10-r{i}") for i in (1, 2)]
+        big = push_big_image(primary.client(), "big/app", "v1", 24 * 1024 * KiB)
+        with PipeProxy(primary, rate=4 * 1024 * KiB) as px:   # ~6 s for the layer
+            self.add_registry(api, "g10-p", px.url)
+            for i, reg in enumerate(replicas, 1):
+                self.add_registry(api, f"g10-r{i}", reg.url)
+            self.expect(api.post("/v1/replications", {"name": "g10", "primary": "g10-p",
+                                                      "replicas": ["g10-r1", "g10-r2"], "schedule": ""}), 201)
+            queued = self.expect(api.post("/v1/replications/g10/trigger"), 202, "trigger")
+            seen = None
+            deadline = time.monotonic() + SYNC_WAIT
+            for _ in range(int(SYNC_WAIT / 0.1) + 10):
+                states, st = self.states(api, "g10")
+                reps = {r["registry"]: r for r in st["replicas"]}
+                if all(r["state"] == "Lagging" and r.get("full_scan_pending") and r.get("bytes_behind", 0) > 0
+                       for r in reps.values()):
+                    seen = st
+                    break
+                if self.get_task(api, queued["id"])["status"] not in ("Queued", "InProgress"):
+                    break
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+            self.assertIsNotNone(seen, "the replicas were never reported Lagging with bytes behind "
+                                       "while the task ran")
+            self.assertIn(queued["id"], [t["id"] for t in seen["tasks"]], seen)
+            task = self.wait_task(api, queued["id"])
+            self.assertEqual(task["status"], "Succeeded", task)
+        states, st = self.states(api, "g10")
+        self.assertEqual(states, {"g10-r1": "InSync", "g10-r2": "InSync"}, st)
+        for reg in replicas:
+            self.assertImageOnTarget(reg, "big/app", "v1", big.digest)
+
     def test_cli_status_and_where(self):
         r = subprocess.run([CROSSDOCK, "--help"], stdin=subprocess.DEVNULL, capture_output=True,
                            text=True, timeout=CLI_TIMEOUT, env=base_env())
