@@ -151,6 +151,43 @@ int json_depth(std::string_view s, int limit) {
 
 }  // namespace
 
+namespace {
+
+// By id (an all-digit ref, tried first) or by name; a miss is not_found naming the ref.
+template <class Get, class GetByName>
+auto find_by_ref(const std::string& ref, const char* what, Get get, GetByName get_by_name)
+    -> decltype(get(int64_t{})) {
+    if (auto id = parse_id(ref)) {
+        auto r = get(*id);
+        if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
+    }
+    if (check_name(ref).empty()) {
+        auto r = get_by_name(ref);
+        if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
+    }
+    return not_found(std::string("no ") + what + " " + quote_input(ref));
+}
+
+}  // namespace
+
+netio::Result<Registry> find_registry(Store& store, const std::string& ref) {
+    return find_by_ref(
+        ref, "registry", [&](int64_t id) { return store.get_registry(id); },
+        [&](const std::string& name) { return store.get_registry_by_name(name); });
+}
+
+netio::Result<Rule> find_rule(Store& store, const std::string& ref) {
+    return find_by_ref(
+        ref, "rule", [&](int64_t id) { return store.get_rule(id); },
+        [&](const std::string& name) { return store.get_rule_by_name(name); });
+}
+
+netio::Result<ReplicationGroup> find_group(Store& store, const std::string& ref) {
+    return find_by_ref(
+        ref, "replication group", [&](int64_t id) { return store.get_group(id); },
+        [&](const std::string& name) { return store.get_group_by_name(name); });
+}
+
 Query parse_query(std::string_view q) {
     Query out;
     while (!q.empty()) {
@@ -365,41 +402,9 @@ private:
         return nullptr;
     }
 
-    netio::Result<Registry> find_registry(const std::string& ref) {
-        if (auto id = parse_id(ref)) {
-            auto r = store_.get_registry(*id);
-            if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
-        }
-        if (check_name(ref).empty()) {
-            auto r = store_.get_registry_by_name(ref);
-            if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
-        }
-        return not_found("no registry " + quote_input(ref));
-    }
-
-    netio::Result<Rule> find_rule(const std::string& ref) {
-        if (auto id = parse_id(ref)) {
-            auto r = store_.get_rule(*id);
-            if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
-        }
-        if (check_name(ref).empty()) {
-            auto r = store_.get_rule_by_name(ref);
-            if (r.ok() || kind_of(r.error()) != ErrorKind::not_found) return r;
-        }
-        return not_found("no rule " + quote_input(ref));
-    }
-
-    netio::Result<ReplicationGroup> find_group(const std::string& ref) {
-        if (auto id = parse_id(ref)) {
-            auto g = store_.get_group(*id);
-            if (g.ok() || kind_of(g.error()) != ErrorKind::not_found) return g;
-        }
-        if (check_name(ref).empty()) {
-            auto g = store_.get_group_by_name(ref);
-            if (g.ok() || kind_of(g.error()) != ErrorKind::not_found) return g;
-        }
-        return not_found("no replication group " + quote_input(ref));
-    }
+    netio::Result<Registry> find_registry(const std::string& ref) { return engine::find_registry(store_, ref); }
+    netio::Result<Rule> find_rule(const std::string& ref) { return engine::find_rule(store_, ref); }
+    netio::Result<ReplicationGroup> find_group(const std::string& ref) { return engine::find_group(store_, ref); }
 
     // Tells the daemon about tasks that must stop now (a deleted rule's or group's).
     void cancel_requested(const std::vector<int64_t>& ids) const {

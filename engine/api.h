@@ -90,6 +90,12 @@ struct ControlApiOptions {
 using Query = std::vector<std::pair<std::string, std::string>>;
 Query parse_query(std::string_view query);
 
+// A registry, rule or replication group by its {ref}: an all-digit ref is tried as an id first,
+// then as a name. A miss is a not_found error naming the ref ("no rule 'x'").
+netio::Result<Registry> find_registry(Store& store, const std::string& ref);
+netio::Result<Rule> find_rule(Store& store, const std::string& ref);
+netio::Result<ReplicationGroup> find_group(Store& store, const std::string& ref);
+
 class ControlApi {
 public:
     using Options = ControlApiOptions;

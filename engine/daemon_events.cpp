@@ -4,8 +4,6 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
-#include <cctype>
-#include <charconv>
 #include <tuple>
 
 #include "engine/daemon_impl.h"
@@ -38,16 +36,11 @@ void Daemon::enqueue(const TaskRecord& t) {
 }
 
 netio::HttpResponse Daemon::receive_webhook(const netio::HttpRequest& req, const std::string& registry_ref) {
-    // The registry by name (or id).
-    auto reg = store_->get_registry_by_name(registry_ref);
-    if (!reg.ok() && !registry_ref.empty() && std::all_of(registry_ref.begin(), registry_ref.end(), ::isdigit)) {
-        int64_t id = 0;
-        std::from_chars(registry_ref.data(), registry_ref.data() + registry_ref.size(), id);
-        reg = store_->get_registry(id);
-    }
+    auto reg = find_registry(*store_, registry_ref);
     if (!reg.ok()) {
         log("webhook for unknown registry " + quote_input(registry_ref) + " refused");
-        return netio::HttpResponse::json_error(404, "no registry " + quote_input(registry_ref));
+        return netio::HttpResponse::json_error(kind_of(reg.error()) == ErrorKind::not_found ? 404 : 500,
+                                               reg.error().message);
     }
     auto secret = store_->webhook_secret_for(reg->id);
     if (!secret.ok()) return netio::HttpResponse::json_error(500, "cannot read the registry's webhook secret");

@@ -2,7 +2,6 @@
 // replica (each blob read once, streamed to all replicas in parallel), the status of each replica,
 // and `where`: which replicas hold an image, by digest.
 #include <algorithm>
-#include <cctype>
 
 #include "engine/daemon_impl.h"
 #include "engine/reference.h"
@@ -120,11 +119,10 @@ json Daemon::group_status(const ReplicationGroup& g) {
 // Which replicas hold IMAGE ("repo:tag" or "repo@sha256:..."): the primary's digest and each
 // replica's, asked of the registries now (HEAD of the manifest).
 netio::Task<netio::HttpResponse> Daemon::where(std::string group_ref, std::string image) {
-    auto group = store_->get_group_by_name(group_ref);
-    if (!group.ok() && !group_ref.empty() && std::all_of(group_ref.begin(), group_ref.end(), ::isdigit))
-        group = store_->get_group(std::stoll(group_ref));
+    auto group = find_group(*store_, group_ref);
     if (!group.ok()) {
-        netio::HttpResponse r = netio::HttpResponse::json_error(404, "no replication group " + quote_input(group_ref));
+        netio::HttpResponse r = netio::HttpResponse::json_error(
+            kind_of(group.error()) == ErrorKind::not_found ? 404 : 500, group.error().message);
         co_return r;
     }
     // repo:tag or repo@digest
