@@ -77,8 +77,9 @@ int Daemon::run() {
             tick();
             reconcile();
             next_tick = SteadyClock::now() + o_.tick;
+            dispatch_needed_ = true;  // once a tick too: cancelled tasks and those of deleted rules leave the queue
         }
-        dispatch();
+        if (dispatch_needed_) dispatch();
     }
 
     // Tasks still running past the stop timeout: flush what they logged and checkpoint them too.
@@ -309,6 +310,7 @@ void Daemon::prune() {
 // slots beyond --max-tasks, and run beside a scan of the same rule), then the others oldest first;
 // one task per rule (or group) at a time otherwise.
 void Daemon::dispatch() {
+    dispatch_needed_ = false;
     if (queue_.empty()) return;
     std::vector<std::pair<int64_t, TaskRecord>> ready;
     for (auto it = queue_.begin(); it != queue_.end();) {
@@ -535,6 +537,7 @@ void Daemon::pump() {
             l->second.up->leave(static_cast<uint64_t>(r.task.id));
         }
         it = running_.erase(it);
+        dispatch_needed_ = true;
     }
 }
 

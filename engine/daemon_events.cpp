@@ -33,6 +33,7 @@ void Daemon::enqueue(const TaskRecord& t) {
     log("task " + std::to_string(t.id) + " queued (" + owner + ", " + std::string(to_string(t.trigger)) +
         (t.scope.empty() ? "" : ", " + std::to_string(t.scope.size()) + " artifact(s)") + ")");
     queue_.push_back(t.id);
+    dispatch_needed_ = true;
 }
 
 netio::HttpResponse Daemon::receive_webhook(const netio::HttpRequest& req, const std::string& registry_ref) {

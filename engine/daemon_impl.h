@@ -166,6 +166,7 @@ private:
     std::map<std::string, SharedLink> links_;  // by "src-region->dst-region"
     std::unique_ptr<netio::HttpClient> http_;  // notifications out, `where`
     bool events_pending_ = true;               // the store may hold unprocessed events
+    bool dispatch_needed_ = true;              // a task was queued or ended: look at the queue again
     std::map<int64_t, SteadyClock::time_point> next_reconcile_;  // sync-on-push rules without a schedule
     std::shared_ptr<int> alive_ = std::make_shared<int>(0);      // guards timers of deliveries
     bool stopping_ = false;
