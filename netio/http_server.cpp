@@ -907,6 +907,46 @@ HttpServer::HttpServer(UringLoop& loop, SyncHandler handler, HttpServerOptions o
 
 HttpServer::~HttpServer() = default;
 
+namespace {
+
+enum class SocketProbe { Gone, Answers, Silent };
+
+// Whether a server is behind the Unix socket at addr: connect, send a request and wait a little for
+// any reply (a response or a close, both mean someone accepted the connection). A listener whose
+// owner died can outlive it briefly (an io_uring ring torn down after the process exits still holds
+// the socket): connections to it are queued and later reset, never answered. So a silent one is
+// asked again until it refuses connections (gone) or `wait` ends (silent).
+Result<SocketProbe> probe_unix_socket(const sockaddr_un& addr, socklen_t addr_len, std::chrono::milliseconds wait) {
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + wait;
+    constexpr int kMaxRounds = 200;  // bounded whatever the clock does
+    for (int round = 0; round < kMaxRounds; ++round) {
+        UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+        if (!probe.valid()) return sys_error("socket", errno);
+        if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), addr_len) != 0) {
+            const int err = errno;
+            if (err == ECONNREFUSED || err == ENOENT) return SocketProbe::Gone;
+            if (err != EAGAIN && err != EINPROGRESS) return sys_error("connect", err);
+            // EAGAIN: the backlog is full, so something holds it; ask again below.
+        } else {
+            static constexpr char kRequest[] = "GET / HTTP/1.0\r\n\r\n";
+            (void)::send(probe.get(), kRequest, sizeof kRequest - 1, MSG_NOSIGNAL);
+            pollfd p{probe.get(), POLLIN, 0};
+            if (::poll(&p, 1, 200) == 1) {
+                char c;
+                const ssize_t n = ::recv(probe.get(), &c, 1, 0);
+                if (n >= 0) return SocketProbe::Answers;  // a reply, or an orderly close
+                // ECONNRESET: the listener went away with our connection still queued.
+            }
+        }
+        if (clock::now() >= deadline) return SocketProbe::Silent;
+        ::usleep(50'000);
+    }
+    return SocketProbe::Silent;
+}
+
+}  // namespace
+
 Status HttpServer::listen_unix(const std::string& path, mode_t mode, std::optional<gid_t> group) {
     auto& d = *impl_;
     if (d.stopping) return Error{std::make_error_code(std::errc::invalid_argument), "server stopped"};
@@ -923,20 +963,15 @@ Status HttpServer::listen_unix(const std::string& path, mode_t mode, std::option
         if (!S_ISSOCK(st.st_mode)) {
             return Error{std::make_error_code(std::errc::file_exists), path + " exists and is not a socket"};
         }
-        // Is another server answering on it? A non-blocking connect tells without waiting.
-        UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-        if (!probe.valid()) return sys_error("socket", errno);
-        const int r = ::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), addr_len);
-        const int err = r == 0 ? 0 : errno;
-        if (r == 0 || err == EAGAIN || err == EINPROGRESS) {
+        auto live = probe_unix_socket(addr, addr_len, d.opt.unix_takeover_wait);
+        if (!live) return Error{live.error().code, "checking existing socket " + path + ": " + live.error().message};
+        if (*live != SocketProbe::Gone) {
             return Error{std::make_error_code(std::errc::address_in_use),
-                         "another server is listening on " + path};
+                         *live == SocketProbe::Answers
+                             ? "another server is listening on " + path
+                             : "another process accepts connections on " + path + " but does not answer"};
         }
-        if (err == ECONNREFUSED) {
-            if (::unlink(path.c_str()) != 0 && errno != ENOENT) return sys_error("removing stale socket " + path, errno);
-        } else if (err != ENOENT) {
-            return sys_error("checking existing socket " + path, err);
-        }
+        if (::unlink(path.c_str()) != 0 && errno != ENOENT) return sys_error("removing stale socket " + path, errno);
     } else if (errno != ENOENT) {
         return sys_error("lstat " + path, errno);
     }

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -877,7 +878,9 @@ TEST_F(HttpServerTest, StaleSocketIsReplacedLiveOneRefused) {
     ASSERT_TRUE(st.ok()) << st.error().message;
 
     Stats other_stats;
-    HttpServer second(loop, echo_handler(loop, other_stats), options());
+    auto second_opts = options();
+    second_opts.unix_takeover_wait = 300ms;  // `first` cannot answer: this thread runs its loop
+    HttpServer second(loop, echo_handler(loop, other_stats), second_opts);
     auto st2 = second.listen_unix(path);
     ASSERT_FALSE(st2.ok());
     EXPECT_EQ(st2.error().code, std::make_error_code(std::errc::address_in_use));
@@ -898,13 +901,98 @@ TEST_F(HttpServerTest, StaleSocketIsReplacedLiveOneRefused) {
         ASSERT_TRUE(r);
         EXPECT_EQ(r->status, 200);
     });
-    EXPECT_EQ(stats.calls, 1);
+    // The second server's probes reached the first one as GET / (answered once its loop ran).
+    ASSERT_GE(stats.requests.size(), 2u);
+    const auto probes = std::count_if(stats.requests.begin(), stats.requests.end(),
+                                      [](const HttpRequest& r) { return r.path == "/"; });
+    EXPECT_EQ(probes + 1, static_cast<long>(stats.requests.size()));
+    EXPECT_EQ(std::count_if(stats.requests.begin(), stats.requests.end(),
+                            [](const HttpRequest& r) { return r.path == "/still-here"; }), 1);
     EXPECT_EQ(other_stats.calls, 0);
 
     first->stop();  // removes its socket file
     EXPECT_FALSE(std::filesystem::exists(path));
     auto st4 = second.listen_unix(path);
     EXPECT_TRUE(st4.ok());
+}
+
+namespace {
+
+// A listening Unix socket at `path` that this test drives by hand.
+UniqueFd listening_unix_socket(const std::string& path) {
+    UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::snprintf(a.sun_path, sizeof a.sun_path, "%s", path.c_str());
+    EXPECT_EQ(::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    EXPECT_EQ(::listen(s.get(), 16), 0);
+    return s;
+}
+
+}  // namespace
+
+// A listener that accepts nothing (what a process killed with an io_uring poll on its socket leaves
+// for a moment): waited for, then replaced once it is gone.
+TEST_F(HttpServerTest, SilentListenerIsWaitedForThenReplaced) {
+    const std::string path = dir.file("ghost.sock");
+    auto ghost = listening_unix_socket(path);
+    std::thread closer([&] {
+        std::this_thread::sleep_for(400ms);
+        ghost.reset();  // the file stays, as a dead process leaves it
+    });
+    auto o = options();
+    o.unix_takeover_wait = 5000ms;
+    auto srv = make(o);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto st = srv->listen_unix(path);
+    closer.join();
+    ASSERT_TRUE(st.ok()) << st.error().message;
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    EXPECT_GE(waited, 350ms);
+    EXPECT_LT(waited, 4000ms);
+    with_client(loop, [&] {
+        auto c = Client::unix_socket(path);
+        c.bind();
+        auto r = c.request(get("/mine"));
+        ASSERT_TRUE(r);
+        EXPECT_EQ(r->status, 200);
+    });
+    EXPECT_EQ(stats.calls, 1);
+}
+
+// One that stays silent past the wait is refused, and so is one whose owner answers (here a thread
+// that replies to anything).
+TEST_F(HttpServerTest, SilentOrAnsweringListenerIsRefused) {
+    const std::string path = dir.file("busy.sock");
+    auto held = listening_unix_socket(path);
+    auto o = options();
+    o.unix_takeover_wait = 300ms;
+    auto srv = make(o);
+    auto st = srv->listen_unix(path);
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().code, std::make_error_code(std::errc::address_in_use));
+    EXPECT_NE(st.error().message.find("does not answer"), std::string::npos) << st.error().message;
+
+    std::thread answerer([&] {
+        pollfd p{held.get(), POLLIN, 0};
+        for (int i = 0; i < 50 && ::poll(&p, 1, 100) == 1; ++i) {  // until no one asks for 100 ms
+            UniqueFd c(::accept(held.get(), nullptr, nullptr));
+            if (!c.valid()) break;
+            static constexpr char kReply[] = "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+            (void)::send(c.get(), kReply, sizeof kReply - 1, MSG_NOSIGNAL);
+        }
+    });
+    o.unix_takeover_wait = 60000ms;  // an answer ends the wait at once
+    auto srv2 = make(o);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto st2 = srv2->listen_unix(path);
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    answerer.join();
+    ASSERT_FALSE(st2.ok());
+    EXPECT_EQ(st2.error().code, std::make_error_code(std::errc::address_in_use));
+    EXPECT_NE(st2.error().message.find("another server is listening"), std::string::npos) << st2.error().message;
+    EXPECT_LT(waited, 5000ms);
+    EXPECT_TRUE(std::filesystem::exists(path));
 }
 
 TEST_F(HttpServerTest, IdleTimeoutClosesConnections) {
