@@ -963,7 +963,7 @@ Status HttpServer::listen_unix(const std::string& path, mode_t mode, std::option
         if (!S_ISSOCK(st.st_mode)) {
             return Error{std::make_error_code(std::errc::file_exists), path + " exists and is not a socket"};
         }
-        auto live = probe_unix_socket(addr, addr_len, d.opt.unix_takeover_wait);
+        auto live = probe_unix_socket(addr, addr_len, d.opt.takeover_wait);
         if (!live) return Error{live.error().code, "checking existing socket " + path + ": " + live.error().message};
         if (*live != SocketProbe::Gone) {
             return Error{std::make_error_code(std::errc::address_in_use),
@@ -1013,8 +1013,16 @@ Status HttpServer::listen_tcp(const std::string& host, uint16_t port) {
     if (!fd.valid()) return sys_error("socket", errno);
     const int one = 1;
     (void)::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (::bind(fd.get(), res->ai_addr, res->ai_addrlen) != 0) {
-        return sys_error("bind " + host + ":" + service, errno);
+    // EADDRINUSE on a fixed port may be a listener whose process is gone but whose io_uring is not
+    // torn down yet (see takeover_wait): asked again until the wait ends.
+    const auto bind_deadline = std::chrono::steady_clock::now() + d.opt.takeover_wait;
+    for (int attempt = 0;; ++attempt) {
+        if (::bind(fd.get(), res->ai_addr, res->ai_addrlen) == 0) break;
+        const int err = errno;
+        if (err != EADDRINUSE || port == 0 || attempt >= 200 || std::chrono::steady_clock::now() >= bind_deadline) {
+            return sys_error("bind " + host + ":" + service, err);
+        }
+        ::usleep(50'000);
     }
     sockaddr_storage ss{};
     socklen_t len = sizeof ss;

@@ -96,7 +96,7 @@ struct HttpServerOptions {
     // to wait for it to go away. A process killed while an io_uring request held its listening
     // socket leaves one behind for a moment: the kernel tears the ring down after the process is
     // gone, so the socket is still open when the next server starts.
-    std::chrono::milliseconds unix_takeover_wait{3000};
+    std::chrono::milliseconds takeover_wait{3000};
 };
 
 class HttpServer {
@@ -110,7 +110,7 @@ public:
     // Listens on a Unix stream socket at `path`, created with `mode` (and owned by `group` when
     // given; the file gets its mode and group before the socket listens, so no one connects in
     // between). A stale socket file (connections refused, or accepted and never answered until
-    // unix_takeover_wait ends) is removed first; a live one (another server answers a request, or
+    // takeover_wait ends) is removed first; a live one (another server answers a request, or
     // still accepts silently after the wait) gives EADDRINUSE; a path that exists and is not a socket gives EEXIST. The
     // file is removed when the server stops or is destroyed, if it is still the one we made.
     Status listen_unix(const std::string& path, mode_t mode = 0600, std::optional<gid_t> group = {});

@@ -879,7 +879,7 @@ TEST_F(HttpServerTest, StaleSocketIsReplacedLiveOneRefused) {
 
     Stats other_stats;
     auto second_opts = options();
-    second_opts.unix_takeover_wait = 300ms;  // `first` cannot answer: this thread runs its loop
+    second_opts.takeover_wait = 300ms;  // `first` cannot answer: this thread runs its loop
     HttpServer second(loop, echo_handler(loop, other_stats), second_opts);
     auto st2 = second.listen_unix(path);
     ASSERT_FALSE(st2.ok());
@@ -941,7 +941,7 @@ TEST_F(HttpServerTest, SilentListenerIsWaitedForThenReplaced) {
         ghost.reset();  // the file stays, as a dead process leaves it
     });
     auto o = options();
-    o.unix_takeover_wait = 5000ms;
+    o.takeover_wait = 5000ms;
     auto srv = make(o);
     const auto t0 = std::chrono::steady_clock::now();
     auto st = srv->listen_unix(path);
@@ -966,7 +966,7 @@ TEST_F(HttpServerTest, SilentOrAnsweringListenerIsRefused) {
     const std::string path = dir.file("busy.sock");
     auto held = listening_unix_socket(path);
     auto o = options();
-    o.unix_takeover_wait = 300ms;
+    o.takeover_wait = 300ms;
     auto srv = make(o);
     auto st = srv->listen_unix(path);
     ASSERT_FALSE(st.ok());
@@ -982,7 +982,7 @@ TEST_F(HttpServerTest, SilentOrAnsweringListenerIsRefused) {
             (void)::send(c.get(), kReply, sizeof kReply - 1, MSG_NOSIGNAL);
         }
     });
-    o.unix_takeover_wait = 60000ms;  // an answer ends the wait at once
+    o.takeover_wait = 60000ms;  // an answer ends the wait at once
     auto srv2 = make(o);
     const auto t0 = std::chrono::steady_clock::now();
     auto st2 = srv2->listen_unix(path);
