@@ -136,10 +136,19 @@ std::deque<netio::ByteRange> cut(const std::vector<netio::ByteRange>& missing, u
     per = (per + chunk - 1) / chunk * chunk;
     std::deque<netio::ByteRange> out;
     for (const auto& r : missing) {
+        const size_t first_of_range = out.size();
         for (uint64_t a = r.first; a <= r.last;) {
             uint64_t b = std::min(r.last, a + per - 1);
             out.push_back({a, b});
             a = b + 1;
+        }
+        // A short remainder (a layer is often a round size plus a few KiB of tar and gzip framing)
+        // goes with the piece before it: on its own it would cost a request and a round trip after
+        // the other streams are done.
+        if (out.size() - first_of_range >= 2 && out.back().last - out.back().first + 1 < per / 4) {
+            const uint64_t last = out.back().last;
+            out.pop_back();
+            out.back().last = last;
         }
     }
     return out;

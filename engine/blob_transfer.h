@@ -27,7 +27,10 @@ struct FillOptions {
     // If set, the number of streams wanted for this blob right now (planner's stream tuner): more
     // workers join while it grows; `streams` is then only the starting count.
     std::function<unsigned()> streams_now;
-    uint64_t piece_bytes = 16u << 20;            // large blobs are fetched in ranged pieces of 1-4x this
+    // Large blobs are fetched in ranged pieces of 1-4x this, taken in order from one queue: the
+    // verified prefix, which uploads follow, stays close behind the downloads, so little is left
+    // to upload when the last byte arrives. Each piece costs a request (a round trip per stream).
+    uint64_t piece_bytes = 4u << 20;
 };
 
 struct FillStats {

@@ -759,9 +759,18 @@ private:
         // while uploads work through what has arrived.
         auto cached = source_blob(src_repo, b);
         if (!cached.ok()) co_return cached.error();
-        co_await blob_sem_.acquire(b.size);  // smallest first: images complete early
-        netio::Semaphore::Permit permit(&blob_sem_);
         cas::BlobRef blob = cached.value();
+        // No upload session is opened before the download has brought its first bytes (a fill may
+        // be waiting for a download permit): registries time out request bodies that do not move.
+        // Nor is an upload permit taken before then: a permit held by a blob still queued for its
+        // download would keep one that is arriving from streaming on to the target, which then
+        // catches up only after its last byte, at the end of the run.
+        co_await blob->available(1);
+        // Blobs still arriving first (their uploads are paced by their downloads: any wait is
+        // backlog), then the complete ones, smallest first, so images complete early.
+        co_await blob_sem_.acquire(blob->state() == cas::BlobState::partial ? 0 : b.size);
+        netio::Semaphore::Permit permit(&blob_sem_);
+        const bool arriving = blob->state() == cas::BlobState::partial;
         const bool from_cache = blob->state() == cas::BlobState::committed && !fetched_this_run_.count(b.digest);
         // Named, not temporaries inside the co_await: gcc 12 destroys a lambda temporary with
         // non-trivial captures twice when it spans a suspension.
@@ -773,10 +782,6 @@ private:
         RegistryClient::Finalizable ready = [this, blob]() -> Task<netio::Status> {
             return verdict_of(blob);
         };
-        // No upload session is opened before the download has brought its first bytes (a fill may
-        // be waiting for a download permit): registries time out request bodies that do not move.
-        co_await blob->available(1);
-        const bool arriving = blob->state() == cas::BlobState::partial;
         auto st = co_await t.client->upload_blob(dst_repo, b.digest, b.size, body, ready, arriving);
         if (!st.ok()) {
             if (auto f = failed_blobs_.find(b.digest); f != failed_blobs_.end()) co_return f->second;
