@@ -502,49 +502,28 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
     uint64_t chunk = opts_.chunk_size_bytes;
     if (auto m = res->header("OCI-Chunk-Min-Length"); !m.empty()) chunk = std::max<uint64_t>(chunk, std::strtoull(m.c_str(), nullptr, 10));
 
+    // Every way out of the session that leaves it open cancels it (with its newest Location).
+    bool closed = false;
+    auto st = co_await upload_on_session(loc, closed, what, scopes, digest, size, chunk, body, ready, allow_chunked,
+                                         still_arriving);
+    if (!st.ok() && !closed) co_await cancel_upload(loc, scopes);
+    co_return st;
+}
+
+// The PATCHes and the final PUT of upload_once on the session at `loc` (kept up to date with the
+// registry's newest Location). `closed` is set once the registry has finalised the session.
+Task<Status> RegistryClient::upload_on_session(std::string& loc, bool& closed, const std::string& what,
+                                               const std::vector<std::string>& scopes, const std::string& digest,
+                                               uint64_t size, uint64_t chunk, const BlobBodyFactory& body,
+                                               const Finalizable& ready, bool allow_chunked, bool still_arriving) {
     // Not lambdas, and no `co_return co_await`: gcc 12 double-destroys the result in such
     // expressions (seen: a double free of an Error message under ASan).
     constexpr uint64_t kStreamMinBytes = 8u << 20;
     const bool stream = still_arriving && size > kStreamMinBytes;
-    if (!allow_chunked || (size <= chunk && !stream)) {
-        // A monolithic PUT finalises the blob: its content must be verified before it is sent.
-        if (auto st = co_await await_ready(ready); !st.ok()) {
-            netio::Error fail_err = st.error();
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
-        auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
-        put.timeout_ms = 0;
-        put.headers.emplace_back("Content-Type", "application/octet-stream");
-        put.body_source = body(0, size);
-        if (!put.body_source)
-            {
-            netio::Error fail_err = netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
-        auto r = co_await send(put, scopes, nullptr, false);
-        if (!r.ok()) {
-            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
-        if (r->status != 201) {
-            auto e = describe(what + ": PUT", *r);
-            if (r->status == 400) e.code = std::make_error_code(std::errc::invalid_argument);
-            {
-            netio::Error fail_err = e;
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
-        }
-        std::string got = r->header("Docker-Content-Digest");
-        if (!got.empty() && got != digest) co_return error(what + ": the registry stored " + got);
-        co_return netio::ok_status();
-    }
-
+    const bool monolithic = !allow_chunked || (size <= chunk && !stream);
     int resumes = 0;
-    for (uint64_t offset = 0; offset < size;) {
+    // Chunked: PATCHes in order, then a PUT with no body. Monolithic: the PUT carries it all.
+    for (uint64_t offset = 0; !monolithic && offset < size;) {
         const uint64_t len = std::min(chunk, size - offset);
         auto patch = make_request("PATCH", loc);
         patch.timeout_ms = 0;
@@ -552,11 +531,7 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
         patch.headers.emplace_back("Content-Range", std::to_string(offset) + "-" + std::to_string(offset + len - 1));
         patch.body_source = body(offset, len);
         if (!patch.body_source)
-            {
-            netio::Error fail_err = netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+            co_return netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
         auto r = co_await send(patch, scopes, nullptr, false);
         if (!r.ok()) {
             // Where the registry allows it, resume from the offset it reports (GET on the session
@@ -582,48 +557,37 @@ Task<Status> RegistryClient::upload_once(const std::string& repo, const std::str
                     }
                 }
             }
-            {
-            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+            co_return netio::Error{r.error().code, what + ": " + r.error().message};
         }
         if (r->status != 202) {
             auto e = describe(what + ": PATCH", *r);
             if (offset == 0 && (r->status == 405 || r->status == 501 || r->status == 400 || r->status == 416))
                 e.code = std::make_error_code(std::errc::operation_not_supported);
-            {
-            netio::Error fail_err = e;
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+            co_return e;
         }
         std::string next = resolve_location(*r, loc);
         if (!next.empty()) loc = next;  // always follow the newest Location
         offset += len;
     }
-    // Every byte is on the target's session; finalise only once the sha256 is verified.
-    if (auto st = co_await await_ready(ready); !st.ok()) {
-            netio::Error fail_err = st.error();
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+    // The PUT finalises the blob: its content (already on the session, or in the PUT's body) must
+    // be verified first.
+    if (auto st = co_await await_ready(ready); !st.ok()) co_return st;
     auto put = make_request("PUT", with_query(loc, "digest=" + url_encode_component(digest)));
+    if (monolithic) {
+        put.timeout_ms = 0;
+        put.headers.emplace_back("Content-Type", "application/octet-stream");
+        put.body_source = body(0, size);
+        if (!put.body_source)
+            co_return netio::Error{std::make_error_code(std::errc::bad_message), what + ": the content is no longer available"};
+    }
     auto r = co_await send(put, scopes, nullptr, false);
-    if (!r.ok()) {
-            netio::Error fail_err = netio::Error{r.error().code, what + ": " + r.error().message};
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+    if (!r.ok()) co_return netio::Error{r.error().code, what + ": " + r.error().message};
     if (r->status != 201) {
         auto e = describe(what + ": PUT", *r);
         if (r->status == 400) e.code = std::make_error_code(std::errc::invalid_argument);
-        {
-            netio::Error fail_err = e;
-            co_await cancel_upload(loc, scopes);
-            co_return fail_err;
-        }
+        co_return e;
     }
+    closed = true;
     std::string got = r->header("Docker-Content-Digest");
     if (!got.empty() && got != digest) co_return error(what + ": the registry stored " + got);
     co_return netio::ok_status();

@@ -122,6 +122,10 @@ private:
     Task<Status> upload_once(const std::string& repo, const std::string& digest, uint64_t size,
                              const BlobBodyFactory& body, const Finalizable& ready, bool allow_chunked,
                              bool still_arriving);
+    Task<Status> upload_on_session(std::string& loc, bool& closed, const std::string& what,
+                                   const std::vector<std::string>& scopes, const std::string& digest, uint64_t size,
+                                   uint64_t chunk, const BlobBodyFactory& body, const Finalizable& ready,
+                                   bool allow_chunked, bool still_arriving);
     Task<Status> await_ready(const Finalizable& ready);
     Task<void> cancel_upload(std::string session, std::vector<std::string> scopes);
     Task<Result<std::vector<std::string>>> paginate(std::string path, std::string json_key,
