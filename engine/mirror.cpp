@@ -301,17 +301,29 @@ private:
         if (!summary_.errors.empty()) co_return;
         setup_planner();
 
-        // Reach every registry before any work.
-        if (auto st = co_await source_->ping(); !st.ok()) {
-            summary_.errors.push_back("source " + st.error().message);
+        // Reach every registry before any work, all at once (each is a round trip or more away).
+        netio::Status source_ping = netio::ok_status();
+        std::vector<netio::Status> target_pings(targets_.size(), netio::ok_status());
+        {
+            netio::WaitGroup pings(loop_);
+            pings.add();
+            netio::spawn(run_into(source_->ping(), source_ping, pings));
+            for (size_t i = 0; i < targets_.size(); ++i) {
+                pings.add();
+                netio::spawn(run_into(targets_[i]->client->ping(), target_pings[i], pings));
+            }
+            co_await pings.wait();
+        }
+        if (!source_ping.ok()) {
+            summary_.errors.push_back("source " + source_ping.error().message);
             co_return;
         }
         // A target that cannot be reached fails the run when it is the only one; one of several
         // gets a failed item per artifact and the others are served.
         size_t down = 0;
-        for (auto& t : targets_) {
-            if (auto st = co_await t->client->ping(); !st.ok()) {
-                t->down = "target " + st.error().message;
+        for (size_t i = 0; i < targets_.size(); ++i) {
+            if (!target_pings[i].ok()) {
+                targets_[i]->down = "target " + target_pings[i].error().message;
                 ++down;
             }
         }

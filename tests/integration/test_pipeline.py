@@ -737,7 +737,8 @@ class PipelineTest(unittest.TestCase):
         A worker that wants more streams starts them, and they run at once, each taking a
         piece; the worker must then find the queue empty.  The old code took a piece from the
         emptied queue anyway: garbage ranges ("range 8319115473763449460-... still
-        incomplete"), ranges read again, or SIGSEGV (exit -11).
+        incomplete"), ranges read again, or SIGSEGV (exit -11).  (Pieces are 4 MiB now, ten
+        per layer; the queue still empties at each layer's end while the tuner adds streams.)
 
         This shape (about 96 MiB; 5 s with the fix) is the smallest found that made the old
         build (21fbdbd) fail every time (17 of 17 runs): SIGSEGV in 8 of them, and the
@@ -788,6 +789,34 @@ class PipelineTest(unittest.TestCase):
         self.assertEqual(s["bytes_read_source"], desc["unique_blob_bytes"],
                          f"bytes read from the source vs the corpus' unique blob bytes "
                          f"({desc['unique_blobs']} blobs)" + run.describe())
+
+    # -- 10 ----------------------------------------------------------------
+    def test_registries_reached_at_once(self):
+        """The start-up pings of the source and every target go out together, not one after
+        another: two targets, each behind its own wanem at 250 ms one way, receive their
+        `GET /v2/` within 250 ms of each other (one after the other, the second would come a
+        round trip, 500 ms, after the first)."""
+        wanem = wanem_binary()
+        if wanem is None:
+            self.skipTest("the WAN emulator is not built (tests/tools/wanem; set WANEM_BIN)")
+        regs = [self.start_registry(f"far-{i}") for i in range(2)]
+        far = []
+        for reg in regs:
+            w = Wanem(wanem, reg.host, ["--delay-ms", "250"]).start()
+            self.addCleanup(w.stop)
+            far.append(w)
+        marks = [log_mark(r) for r in regs]
+        run = crossdock("mirror", f"{SOURCE.host}/one", f"{far[0].host}/dst", f"{far[1].host}/dst",
+                        "--insecure", "--dry-run", "--json", timeout=120)
+        self.assertExit(run, 0)
+        pings = []
+        for reg, mark in zip(regs, marks):
+            got = [e for e in completed(reg, mark) if e.method == "GET" and e.uri == "/v2/"]
+            self.assertTrue(got, f"{reg.host} saw no GET /v2/" + run.describe())
+            pings.append(min(e.t for e in got))
+        note(f"GET /v2/ at the two targets {abs(pings[0] - pings[1]) * 1000:.0f} ms apart")
+        self.assertLess(abs(pings[0] - pings[1]), 0.25,
+                        f"the targets' GET /v2/ came {abs(pings[0] - pings[1]):.3f} s apart" + run.describe())
 
 
 if __name__ == "__main__":
