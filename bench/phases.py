@@ -7,9 +7,10 @@ wan.py scenario a (20 ms one-way, 100 Mbit/s per connection, 1 Gbit/s in all,
 ~1 GiB of shared-layer images); every run into a fresh target through a fresh
 wanem, variants alternating within each repetition.
 
-    python3 bench/phases.py [--reps 3] [--quick] ['NAME|ARGS' ...]
+    python3 bench/phases.py [--reps 3] [--quick] ['NAME|ARGS[|CROSSDOCK]' ...]
 
-e.g. `python3 bench/phases.py 'defaults|' 'jobs32|--jobs 32'`.  Per run, from
+e.g. `python3 bench/phases.py 'defaults|' 'jobs32|--jobs 32'`, or, to compare two builds,
+`python3 bench/phases.py 'new|' 'old||/tmp/crossdock-old'`.  Per run, from
 wanem's client-side counter (bytes it delivered to crossdock), sampled every
 20 ms, and from the target registry's log (request end times and durations):
 
@@ -19,6 +20,7 @@ wanem's client-side counter (bytes it delivered to crossdock), sampled every
   transfer %   bytes / (last byte - first MiB), against the cap
   uploads end  end of the last blob PATCH/PUT at the target
   tail         exit - last byte (uploads still draining, manifests, exit)
+  CPU          crossdock's user + system time
 
 A run whose summary reports failures is marked so and its row is kept.
 """
@@ -28,6 +30,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -106,6 +109,7 @@ class Sampler:
 
 
 def one_run(a, src, crossdock, wanem_bin, workdir, name, args):
+    """One run of `crossdock` (a path) with `args` into a fresh target through a fresh wanem."""
     target = registry.Registry(name="phases-dst")
     wanem = None
     try:
@@ -116,9 +120,11 @@ def one_run(a, src, crossdock, wanem_bin, workdir, name, args):
         cmd = [crossdock, "mirror", f"{wanem.host}/{wan.SRC_NS}", f"{target.host}/{wan.DST_NS}",
                "--insecure", "--json", "-q"] + shlex.split(args)
         with Sampler(wanem) as sampler:
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)   # only waited-for children count
             t0 = time.time()
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=a.run_timeout)
             t1 = time.time()
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         samples = sampler.samples + [(t1, wanem.read_stats()["upstream_to_client"]["bytes_out"])]
         total = samples[-1][1]
 
@@ -139,6 +145,7 @@ def one_run(a, src, crossdock, wanem_bin, workdir, name, args):
             "transfer_mbit": total * 8 / 1e6 / max(1e-9, last - first_mib),
             "uploads_end": (max(uploads) - t0) if uploads else None,
             "tail": (t1 - t0) - last,
+            "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
             "stderr": p.stderr.decode(errors="replace")[-2000:] if p.returncode else "",
         }
     finally:
@@ -149,7 +156,7 @@ def one_run(a, src, crossdock, wanem_bin, workdir, name, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="*", default=["defaults|"], metavar="NAME|ARGS")
+    ap.add_argument("variants", nargs="*", default=["defaults|"], metavar="NAME|ARGS[|CROSSDOCK]")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="~105 MiB corpus (development)")
     ap.add_argument("--crossdock", default=os.path.join(ROOT, "build", "tools", "crossdock"))
@@ -164,6 +171,11 @@ def main():
     workdir = tempfile.mkdtemp(prefix="crossdock-phases-")
     crossdock = shutil.copy2(a.crossdock, os.path.join(workdir, "crossdock"))
     wanem_bin = shutil.copy2(a.wanem, os.path.join(workdir, "wanem"))
+    binaries = {}   # a variant's own crossdock, copied too (builds change under a running bench)
+    for i, v in enumerate(a.variants):
+        binary = (v.split("|", 2) + ["", ""])[2]
+        if binary and binary not in binaries:
+            binaries[binary] = shutil.copy2(binary, os.path.join(workdir, f"crossdock-{i}"))
     src = registry.Registry(name="phases-src")
     rows = []
     try:
@@ -173,13 +185,14 @@ def main():
         print(f"corpus {desc['unique_blob_bytes'] / 2**20:.1f} MiB: {ideal:.2f} s at the cap", flush=True)
         for rep in range(1, a.reps + 1):
             for v in a.variants:
-                name, _, args = v.partition("|")
-                r = one_run(a, src, crossdock, wanem_bin, workdir, name, args)
+                name, args, binary = (v.split("|", 2) + ["", ""])[:3]
+                r = one_run(a, src, binaries[binary] if binary else crossdock, wanem_bin, workdir, name, args)
                 r["rep"] = rep
                 rows.append(r)
                 ok = r["rc"] == 0 and r["failed"] == 0
                 print(f"{name} rep {rep}: wall {r['wall']:.2f} s ({ideal / r['wall'] * 100:.1f}% of cap), "
-                      f"first MiB {r['first_mib']:.2f}, last byte {r['last_byte']:.2f}, tail {r['tail']:.2f}"
+                      f"first MiB {r['first_mib']:.2f}, last byte {r['last_byte']:.2f}, tail {r['tail']:.2f}, "
+                      f"CPU {r['cpu']:.2f} s"
                       + ("" if ok else f"  FAILED (exit {r['rc']}, failed {r['failed']})\n{r['stderr']}"),
                       flush=True)
     finally:
@@ -189,21 +202,21 @@ def main():
     print()
     print("| variant | rep | wall s | % of cap (whole run) | first MiB s | "
           + " | ".join(f"{int(f * 100)}% s" for f in FRACTIONS)
-          + " | last byte s | transfer Mbit/s (first MiB to last byte) | uploads end s | tail s (exit - last byte) |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(FRACTIONS) + "---:|---:|---:|---:|")
+          + " | last byte s | transfer Mbit/s (first MiB to last byte) | uploads end s | tail s (exit - last byte) | CPU s |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(FRACTIONS) + "---:|---:|---:|---:|---:|")
     for r in rows:
         up = f"{r['uploads_end']:.2f}" if r["uploads_end"] is not None else "-"
         print(f"| {r['name']} | {r['rep']} | {r['wall']:.2f} | {ideal / r['wall'] * 100:.1f} | {r['first_mib']:.2f} | "
               + " | ".join(f"{r['fractions'][f]:.2f}" for f in FRACTIONS)
-              + f" | {r['last_byte']:.2f} | {r['transfer_mbit']:.0f} | {up} | {r['tail']:.2f} |")
+              + f" | {r['last_byte']:.2f} | {r['transfer_mbit']:.0f} | {up} | {r['tail']:.2f} | {r['cpu']:.2f} |")
     print()
-    print("| variant | median wall s | median % of cap | median first MiB s | median transfer Mbit/s | median tail s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| variant | median wall s | median % of cap | median first MiB s | median transfer Mbit/s | median tail s | median CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in dict.fromkeys(r["name"] for r in rows):
         rs = [r for r in rows if r["name"] == name]
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
         print(f"| {name} | {med('wall'):.2f} | {ideal / med('wall') * 100:.1f} | {med('first_mib'):.2f} | "
-              f"{med('transfer_mbit'):.0f} | {med('tail'):.2f} |")
+              f"{med('transfer_mbit'):.0f} | {med('tail'):.2f} | {med('cpu'):.2f} |")
     return 0 if all(r["rc"] == 0 and r["failed"] == 0 for r in rows) else 1
 
 

@@ -66,10 +66,33 @@ public:
             return netio::Offer::full;
         }
         if (throttle_ && !throttle_->admit(st_->resume)) return netio::Offer::full;  // over the link's cap
-        auto buf = std::make_shared<std::vector<char>>(data.begin(), data.end());
-        st_->inflight_bytes += buf->size();
+        // Gathered into blocks that end on a block boundary of the blob: one cache write per
+        // block instead of one per network read, and whole pages, which the kernel need not
+        // zero first (a write into part of an uncached page of the preallocated file has it
+        // zero the rest).
+        if (!pending_) {
+            pending_ = std::make_shared<std::vector<char>>();
+            pending_->reserve(kBlockBytes + (64u << 10));
+            pending_at_ = first_ + received_;
+        }
+        pending_->insert(pending_->end(), data.begin(), data.end());
+        st_->inflight_bytes += data.size();
+        received_ += data.size();
+        if ((pending_at_ + pending_->size()) / kBlockBytes != pending_at_ / kBlockBytes) flush();
+        bytes_read_ += data.size();
+        if (live_counter_) *live_counter_ += data.size();
+        if (throttle_) throttle_->charge(data.size());
+        return netio::Offer::taken;
+    }
+
+    void attach(std::function<void()> resume) noexcept override { st_->resume = std::move(resume); }
+
+    // Hands the gathered bytes to the cache (the response has ended, or a block is full).
+    void flush() noexcept {
+        if (!pending_ || pending_->empty()) return;
+        auto buf = std::exchange(pending_, nullptr);
         auto st = st_;
-        blob_->write(first_ + received_, {buf->data(), buf->size()}, [st, buf](netio::Status s) {
+        blob_->write(pending_at_, {buf->data(), buf->size()}, [st, buf](netio::Status s) {
             st->inflight_bytes -= buf->size();
             if (!s.ok() && !st->write_error) st->write_error = s.error();
             if (st->paused && st->inflight_bytes < st->max_inflight_bytes && st->resume) {
@@ -81,16 +104,9 @@ public:
                 st->loop->defer([h] { h.resume(); });
             }
         });
-        received_ += data.size();
-        bytes_read_ += data.size();
-        if (live_counter_) *live_counter_ += data.size();
-        if (throttle_) throttle_->charge(data.size());
-        return netio::Offer::taken;
     }
 
-    void attach(std::function<void()> resume) noexcept override { st_->resume = std::move(resume); }
-
-    // co_await sink.drained(): every write handed to the cache has completed.
+    // co_await sink.drained(): every byte taken is on the file (call flush() first).
     struct Drain {
         StreamState& st;
         bool await_ready() const noexcept { return st.inflight_bytes == 0; }
@@ -109,9 +125,12 @@ public:
     const std::optional<netio::Error>& write_error() const { return st_->write_error; }
 
 private:
+    static constexpr uint64_t kBlockBytes = 256u << 10;
     cas::BlobRef blob_;
     uint64_t first_;
     uint64_t end_;  // exclusive
+    std::shared_ptr<std::vector<char>> pending_;  // taken, not yet handed to the cache
+    uint64_t pending_at_ = 0;                      // its offset in the blob
     uint64_t max_inflight_;
     bool* whole_claimed_;
     uint64_t* live_counter_;
@@ -191,6 +210,7 @@ netio::Task<void> stream_worker(RegistryClient& source, const std::string& repo,
             std::optional<netio::ByteRange> range;
             if (ranged || done > 0) range = netio::ByteRange{piece.first + done, piece.last};
             auto res = co_await source.get_blob(repo, blob->digest(), &sink, range);
+            sink.flush();
             co_await sink.drained();
             stats.bytes_read += sink.bytes_read_;
             if (!res.ok() && res.error().code == std::errc::operation_canceled) {
