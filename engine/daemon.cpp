@@ -306,9 +306,10 @@ void Daemon::prune() {
     }
 }
 
-// Starts queued tasks within the limits: event-triggered ones first (they may take up to two
-// slots beyond --max-tasks, and run beside a scan of the same rule), then the others oldest first;
-// one task per rule (or group) at a time otherwise.
+// Starts queued tasks within the limits (planner::may_start_task): event-triggered ones first
+// (they may take up to two slots beyond --max-tasks, and run beside a scan of the same rule, but
+// leave a scan that waits one slot), then the others oldest first; one task per rule (or group) at
+// a time otherwise.
 void Daemon::dispatch() {
     dispatch_needed_ = false;
     if (queue_.empty()) return;
@@ -324,16 +325,27 @@ void Daemon::dispatch() {
     }
     std::stable_partition(ready.begin(), ready.end(),
                           [](const auto& p) { return p.second.trigger == Trigger::event; });
-    for (const auto& [id, t] : ready) {
+    // Whether `t` must wait for a task of its own rule or group.
+    auto owner_busy = [this](const TaskRecord& t) {
         const bool event = t.trigger == Trigger::event;
-        const size_t limit = o_.max_running_tasks + (event ? 2 : 0);
-        if (running_.size() >= limit) continue;
-        bool busy = false;
         for (auto& [rid, r] : running_) {
             const bool same_owner = (t.rule_id && r->rule_id == *t.rule_id) || (t.group_id && r->task.group_id == t.group_id);
-            if (same_owner && (!event || r->task.trigger == Trigger::event)) busy = true;
+            if (same_owner && (!event || r->task.trigger == Trigger::event)) return true;
         }
-        if (busy) continue;
+        return false;
+    };
+    const planner::TaskSlots slots{o_.max_running_tasks, kEventExtraSlots};
+    for (const auto& [id, t] : ready) {
+        const bool event = t.trigger == Trigger::event;
+        size_t running_events = 0;
+        for (auto& [rid, r] : running_) running_events += r->task.trigger == Trigger::event;
+        const size_t running_others = running_.size() - running_events;
+        const bool others_waiting =
+            event && std::any_of(ready.begin(), ready.end(), [&](const auto& p) {
+                return p.second.trigger != Trigger::event && !running_.count(p.first) && !owner_busy(p.second);
+            });
+        if (!planner::may_start_task(slots, event, running_events, running_others, others_waiting)) continue;
+        if (owner_busy(t)) continue;
         queue_.erase(std::find(queue_.begin(), queue_.end(), id));
         launch(id);
     }

@@ -28,6 +28,7 @@
 #include "netio/http_server.h"
 #include "netio/uring_loop.h"
 #include "planner/link_shares.h"
+#include "planner/scheduler.h"
 
 namespace engine::daemon_detail {
 
@@ -35,6 +36,8 @@ using json = nlohmann::json;
 using SteadyClock = std::chrono::steady_clock;
 
 inline constexpr const char* kVersion = "0.1.0";
+// Slots beyond --max-tasks that only event-triggered tasks may take.
+inline constexpr size_t kEventExtraSlots = 2;
 
 // "host[:port]" and scheme of a registry URL the store has checked ("scheme://host[:port]").
 struct Endpoint {

@@ -163,4 +163,17 @@ std::optional<std::pair<uint64_t, uint64_t>> FairScheduler::next() {
     return std::pair{task_id, item.id};
 }
 
+bool may_start_task(const TaskSlots& slots, bool event, size_t running_events, size_t running_others,
+                    bool others_waiting) noexcept {
+    const size_t total = running_events + running_others;
+    const size_t all_slots = slots.max_running + slots.event_extra;
+    if (event) {
+        const size_t kept = others_waiting && running_others == 0 && slots.max_running > 0 ? 1 : 0;
+        return total + kept < all_slots;
+    }
+    if (total < slots.max_running) return true;
+    // The slot events leave free: one non-event task at a time.
+    return running_others == 0 && total < all_slots && slots.max_running > 0;
+}
+
 }  // namespace planner

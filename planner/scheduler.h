@@ -99,4 +99,16 @@ private:
     size_t pending_ = 0;
 };
 
+// The task slots of a daemon: `max_running` for any task, plus `event_extra` that only
+// event-triggered tasks may take, so a push is not stuck behind long scans. Events start first,
+// but while a non-event task is waiting and none is running, events leave one slot free for it:
+// a stream of pushes cannot starve the scans. Neither kind ever makes the total exceed
+// max_running + event_extra, and non-event tasks alone never exceed max_running.
+struct TaskSlots {
+    size_t max_running = 2;
+    size_t event_extra = 2;
+};
+bool may_start_task(const TaskSlots& slots, bool event, size_t running_events, size_t running_others,
+                    bool others_waiting) noexcept;
+
 }  // namespace planner

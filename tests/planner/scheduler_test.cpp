@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 #include <random>
+#include <vector>
 
 using planner::FairScheduler;
 using planner::FairSchedulerConfig;
@@ -239,6 +240,68 @@ TEST(FairScheduler, ZeroCostAndZeroWeightAreTolerated) {
     for (int i = 0; i < 100; ++i) ++picks[s.next()->first];
     EXPECT_EQ(picks[1], 50);
     EXPECT_EQ(picks[2], 50);
+}
+
+// --- task slots ----------------------------------------------------------------------------
+
+using planner::may_start_task;
+using planner::TaskSlots;
+
+TEST(TaskSlots, EventsTakeTheExtraSlotsScansDoNot) {
+    const TaskSlots slots{2, 2};
+    // Scans alone: --max-tasks.
+    EXPECT_TRUE(may_start_task(slots, false, 0, 1, false));
+    EXPECT_FALSE(may_start_task(slots, false, 0, 2, false));
+    // Events beside two scans: the two extra slots.
+    EXPECT_TRUE(may_start_task(slots, true, 0, 2, false));
+    EXPECT_TRUE(may_start_task(slots, true, 1, 2, false));
+    EXPECT_FALSE(may_start_task(slots, true, 2, 2, false));
+    // Events alone, nothing else waiting: all four.
+    EXPECT_TRUE(may_start_task(slots, true, 3, 0, false));
+    EXPECT_FALSE(may_start_task(slots, true, 4, 0, false));
+}
+
+TEST(TaskSlots, AWaitingScanKeepsOneSlot) {
+    const TaskSlots slots{2, 2};
+    // Three events run, a scan waits and none runs: the last slot is the scan's.
+    EXPECT_FALSE(may_start_task(slots, true, 3, 0, true));
+    EXPECT_TRUE(may_start_task(slots, false, 3, 0, true));
+    EXPECT_FALSE(may_start_task(slots, false, 4, 0, true));  // never beyond all the slots
+    // Once a scan runs, events may fill the rest again.
+    EXPECT_TRUE(may_start_task(slots, true, 2, 1, true));
+    // A second scan still needs a --max-tasks slot.
+    EXPECT_FALSE(may_start_task(slots, false, 2, 1, true));
+}
+
+// A stream of pushes, one event task per tick (each runs 3 ticks), and one scan queued from the
+// start (it runs 10 ticks): the scan starts at once and finishes, whatever the events do.
+TEST(TaskSlots, AStreamOfEventsDoesNotStarveAScan) {
+    for (size_t max_running : {1u, 2u, 4u}) {
+        const TaskSlots slots{max_running, 2};
+        std::vector<int> events;  // ticks left of each running event task
+        int scan_left = -1;       // -1: queued
+        size_t queued_events = 0;
+        int scan_started = -1;
+        for (int tick = 0; tick < 200 && scan_left != 0; ++tick) {
+            ++queued_events;
+            // Events first, as the daemon dispatches them.
+            while (queued_events > 0 &&
+                   may_start_task(slots, true, events.size(), scan_left > 0 ? 1 : 0, scan_left < 0)) {
+                events.push_back(3);
+                --queued_events;
+            }
+            if (scan_left < 0 && may_start_task(slots, false, events.size(), 0, true)) {
+                scan_left = 10;
+                scan_started = tick;
+            }
+            ASSERT_LE(events.size() + (scan_left > 0 ? 1 : 0), max_running + 2);
+            for (auto& e : events) --e;
+            events.erase(std::remove(events.begin(), events.end(), 0), events.end());
+            if (scan_left > 0) --scan_left;
+        }
+        EXPECT_EQ(scan_started, 0) << "max_running " << max_running;
+        EXPECT_EQ(scan_left, 0) << "the scan never finished, max_running " << max_running;
+    }
 }
 
 }  // namespace
