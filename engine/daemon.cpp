@@ -335,15 +335,16 @@ void Daemon::dispatch() {
         return false;
     };
     const planner::TaskSlots slots{o_.max_running_tasks, kEventExtraSlots};
+    // A scan that could start but for the slots (taken before any event starts: a slot kept for a
+    // scan whose rule then gets an event task stays free until the next dispatch).
+    const bool others_waiting = std::any_of(ready.begin(), ready.end(), [&](const auto& p) {
+        return p.second.trigger != Trigger::event && !owner_busy(p.second);
+    });
     for (const auto& [id, t] : ready) {
         const bool event = t.trigger == Trigger::event;
         size_t running_events = 0;
         for (auto& [rid, r] : running_) running_events += r->task.trigger == Trigger::event;
         const size_t running_others = running_.size() - running_events;
-        const bool others_waiting =
-            event && std::any_of(ready.begin(), ready.end(), [&](const auto& p) {
-                return p.second.trigger != Trigger::event && !running_.count(p.first) && !owner_busy(p.second);
-            });
         if (!planner::may_start_task(slots, event, running_events, running_others, others_waiting)) continue;
         if (owner_busy(t)) continue;
         queue_.erase(std::find(queue_.begin(), queue_.end(), id));
