@@ -93,9 +93,10 @@ struct HttpServerOptions {
     // Where problems are reported (handler exceptions, accept failures). Default: stderr.
     std::function<void(std::string_view)> log;
     // listen_unix on a path whose socket still accepts connections but does not answer: how long
-    // to wait for it to go away. A process killed while an io_uring request held its listening
-    // socket leaves one behind for a moment: the kernel tears the ring down after the process is
-    // gone, so the socket is still open when the next server starts.
+    // to wait for it to go away (listen_tcp waits as long for a fixed port in use). A process
+    // killed while an io_uring request held its listening socket leaves one behind for a moment:
+    // the kernel tears the ring down after the process is gone, so the socket is still open when
+    // the next server starts.
     std::chrono::milliseconds takeover_wait{3000};
 };
 
@@ -109,10 +110,11 @@ public:
 
     // Listens on a Unix stream socket at `path`, created with `mode` (and owned by `group` when
     // given; the file gets its mode and group before the socket listens, so no one connects in
-    // between). A stale socket file (connections refused, or accepted and never answered until
-    // takeover_wait ends) is removed first; a live one (another server answers a request, or
-    // still accepts silently after the wait) gives EADDRINUSE; a path that exists and is not a socket gives EEXIST. The
-    // file is removed when the server stops or is destroyed, if it is still the one we made.
+    // between). A stale socket file (connections refused, at once or within takeover_wait) is
+    // removed first; a live one (another server answers a request, or the socket still accepts
+    // without answering when the wait ends) gives EADDRINUSE; a path that exists and is not a
+    // socket gives EEXIST. The file is removed when the server stops or is destroyed, if it is
+    // still the one we made.
     Status listen_unix(const std::string& path, mode_t mode = 0600, std::optional<gid_t> group = {});
     // Listens on host:port (numeric address or a name resolved once here); port 0 picks one.
     Status listen_tcp(const std::string& host, uint16_t port);
