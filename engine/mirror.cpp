@@ -118,7 +118,8 @@ public:
           list_sem_(loop_, 4 * std::max(1u, o.jobs)),
           tag_sem_(loop_, 8 * std::max(1u, o.jobs)),
           blob_sem_(loop_, 2 * std::max(1u, o.jobs)),
-          fill_sem_(loop_, std::max(1u, o.jobs)) {}
+          fill_sem_(loop_, std::max(1u, o.jobs)),
+          small_fill_sem_(loop_, std::max(1u, o.jobs)) {}
 
     MirrorSummary run() {
         auto t0 = std::chrono::steady_clock::now();
@@ -833,8 +834,11 @@ private:
     }
 
     Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
-        co_await fill_sem_.acquire(b.size);  // smallest first, as the uploads
-        netio::Semaphore::Permit permit(&fill_sem_);
+        // Small blobs (configs, small layers) take a round trip each and little bandwidth: they
+        // have permits of their own, so they neither hold up the large ones nor wait behind them.
+        netio::Semaphore& sem = b.size < kSmallBlobBytes ? small_fill_sem_ : fill_sem_;
+        co_await sem.acquire(b.size);  // smallest first, as the uploads
+        netio::Semaphore::Permit permit(&sem);
         const bool large = b.size >= opts_.range_threshold_bytes;
         ++fills_active_;
         if (large) ++large_fills_active_;
@@ -872,7 +876,7 @@ private:
     // requests (4x jobs: tag lists are small, and a namespace's are fetched in one round trip);
     // artifacts in flight (8x jobs; bounds memory: manifests and coroutine frames, and
     // requests for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the
-    // source (jobs). A blob's download is started before its upload waits for a blob permit, and
+    // source (jobs, and jobs more for blobs under kSmallBlobBytes). A blob's download is started before its upload waits for a blob permit, and
     // uploads trail their downloads: the artifacts in flight are enough that a capped or slow
     // target never leaves the source idle. An artifact waiting for another one's upload of a
     // shared blob holds an artifact permit, never a blob one; a download never waits for an upload.
@@ -880,6 +884,8 @@ private:
     netio::Semaphore tag_sem_;
     netio::Semaphore blob_sem_;
     netio::Semaphore fill_sem_;
+    netio::Semaphore small_fill_sem_;  // downloads of blobs under kSmallBlobBytes
+    static constexpr uint64_t kSmallBlobBytes = 1u << 20;
     std::unique_ptr<RegistryClient> source_;
     std::vector<std::unique_ptr<Target>> targets_;
     std::unique_ptr<cas::BlobStore> cas_;

@@ -213,11 +213,12 @@ _UPLOAD_RE = re.compile(r"/blobs/uploads/([0-9a-fA-F-]{36})")
 class Completed:
     """One 'response completed' line of a registry log."""
 
-    __slots__ = ("t", "method", "uri", "status", "written")
+    __slots__ = ("t", "method", "uri", "status", "written", "start")
 
-    def __init__(self, t, method, uri, status, written):
+    def __init__(self, t, method, uri, status, written, duration=0.0):
         self.t, self.method, self.uri = t, method, uri
         self.status, self.written = status, written
+        self.start = t - duration   # the log line is written when the response ends
 
     @property
     def session(self):
@@ -232,6 +233,12 @@ def _unquote(v):
     if v.startswith('"') and v.endswith('"') and len(v) >= 2:
         return re.sub(r'\\(.)', r'\1', v[1:-1])
     return v
+
+
+def _go_duration(s):
+    """A Go duration ('1.5s', '850.2µs', '1m2.3s') in seconds; 0 if absent."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
+    return sum(float(v) * units[u] for v, u in re.findall(r"([\d.]+)(ms|µs|us|ns|h|m|s)", s or ""))
 
 
 def _parse_time(s):
@@ -259,7 +266,8 @@ def completed(reg, since=0):
         try:
             out.append(Completed(_parse_time(kv["time"]), kv["http.request.method"],
                                  kv["http.request.uri"], int(kv["http.response.status"]),
-                                 int(kv.get("http.response.written") or 0)))
+                                 int(kv.get("http.response.written") or 0),
+                                 _go_duration(kv.get("http.response.duration"))))
         except (KeyError, ValueError):
             continue
     return out
@@ -817,6 +825,43 @@ class PipelineTest(unittest.TestCase):
         note(f"GET /v2/ at the two targets {abs(pings[0] - pings[1]) * 1000:.0f} ms apart")
         self.assertLess(abs(pings[0] - pings[1]), 0.25,
                         f"the targets' GET /v2/ came {abs(pings[0] - pings[1]):.3f} s apart" + run.describe())
+
+    # -- 11 ----------------------------------------------------------------
+    def test_small_blobs_do_not_hold_up_a_large_one(self):
+        """Small blobs (configs, small layers) download with permits of their own: with
+        `--jobs 1` through a 30 ms link, an 8 MiB layer is fetched while the image's 12 small
+        layers are (one download permit for all would run the 13 blobs one after another,
+        smallest first, so no two GETs would overlap)."""
+        wanem = wanem_binary()
+        if wanem is None:
+            self.skipTest("the WAN emulator is not built (tests/tools/wanem; set WANEM_BIN)")
+        src = self.start_registry("mix-src")
+        tgt = self.start_registry("mix-tgt")
+        b = corpus.Builder(seed=4242, min_size=2048, max_size=4096)
+        small = [f"mix-small-{i}" for i in range(12)]
+        m = b.image("mix", small + ["mix-big"], sizes={"mix-big": 8 * MiB})
+        corpus.push_manifest_tree(src.client(), "mix/app", m, "v1")
+        big = next(x for x in m.blobs if len(x.data) >= 8 * MiB)
+        wan = Wanem(wanem, src.host, ["--delay-ms", "30", "--conn-rate", "100Mbit"]).start()
+        self.addCleanup(wan.stop)
+        mark = log_mark(src)
+        run = crossdock("mirror", f"{wan.host}/mix", f"{tgt.host}/dst", "--insecure", "--json",
+                        "--jobs", "1", timeout=120)
+        self.assertExit(run, 0)
+        self.assertEqual((run.summary["copied"], run.summary["failed"]), (1, 0), run.describe())
+        self.assertEqual(check.missing_content(tgt.client(), "dst/app", "v1"), [], run.describe())
+        # The registry logs a request when it ends, with how long it took: [start, end] of each GET.
+        gets = [e for e in completed(src, mark) if e.method == "GET" and "/blobs/sha256:" in e.uri]
+        big_gets = [e for e in gets if big.digest in e.uri]
+        small_gets = [e for e in gets if big.digest not in e.uri]
+        self.assertEqual(len(big_gets), 1, f"GETs of the 8 MiB layer: {big_gets}")
+        self.assertGreaterEqual(len(small_gets), 12, f"GETs of the small blobs: {small_gets}")
+        g = big_gets[0]
+        overlapping = [e for e in small_gets if e.start < g.t and e.t > g.start]
+        note(f"8 MiB layer fetched over {g.t - g.start:.2f} s; {len(overlapping)} of "
+             f"{len(small_gets)} small blob GETs overlapped it")
+        self.assertTrue(overlapping, f"no small blob was fetched while the 8 MiB layer was: big {g.start:.3f}-{g.t:.3f}, "
+                        f"small {[(round(e.start, 3), round(e.t, 3)) for e in small_gets]}" + run.describe())
 
 
 if __name__ == "__main__":
