@@ -78,7 +78,10 @@ public:
         pending_->insert(pending_->end(), data.begin(), data.end());
         st_->inflight_bytes += data.size();
         received_ += data.size();
-        if ((pending_at_ + pending_->size()) / kBlockBytes != pending_at_ / kBlockBytes) flush();
+        // Also once the stream is at its limit: a pause must have a write in flight to end it.
+        if ((pending_at_ + pending_->size()) / kBlockBytes != pending_at_ / kBlockBytes ||
+            st_->inflight_bytes >= max_inflight_)
+            flush();
         bytes_read_ += data.size();
         if (live_counter_) *live_counter_ += data.size();
         if (throttle_) throttle_->charge(data.size());
