@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <limits>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -836,8 +837,11 @@ private:
     Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
         // Small blobs (configs, small layers) take a round trip each and little bandwidth: they
         // have permits of their own, so they neither hold up the large ones nor wait behind them.
-        netio::Semaphore& sem = b.size < kSmallBlobBytes ? small_fill_sem_ : fill_sem_;
-        co_await sem.acquire(b.size);  // smallest first, as the uploads
+        // Small ones go smallest first; large ones largest first (longest job first: the run does
+        // not end on a big blob fetched by its few streams alone, with the link idle around it).
+        const bool small = b.size < kSmallBlobBytes;
+        netio::Semaphore& sem = small ? small_fill_sem_ : fill_sem_;
+        co_await sem.acquire(small ? b.size : std::numeric_limits<uint64_t>::max() - b.size);
         netio::Semaphore::Permit permit(&sem);
         const bool large = b.size >= opts_.range_threshold_bytes;
         ++fills_active_;
