@@ -285,6 +285,7 @@ private:
         double source_cap = opts_.bandwidth_bytes_per_s;
         if (const double shared = opts_.shared_source ? opts_.shared_source->rate_bytes_per_s() : 0.0; shared > 0)
             source_cap = source_cap > 0 ? std::min(source_cap, shared) : shared;
+        source_capped_ = source_cap > 0;
         if (source_cap > 0) {
             // Receive buffers of ~0.1 s of the cap shared by the downloads, so that pausing a
             // download stops the sender soon and the cap holds on the link, not just in our reads.
@@ -837,11 +838,15 @@ private:
     Task<void> fill(std::string src_repo, Descriptor b, cas::BlobRef blob) {
         // Small blobs (configs, small layers) take a round trip each and little bandwidth: they
         // have permits of their own, so they neither hold up the large ones nor wait behind them.
-        // Small ones go smallest first; large ones largest first (longest job first: the run does
-        // not end on a big blob fetched by its few streams alone, with the link idle around it).
+        // Small ones go smallest first. Large ones go largest first (longest job first: the run
+        // does not end on a big blob fetched by its few streams alone, with the link idle around
+        // it). Unless the source is capped: the cap, not the connections, then sets the pace to
+        // the end, so one pool, smallest first, keeps fewer multi-stream downloads open at once,
+        // less data is in flight past a pause, and the cap holds on the wire.
         const bool small = b.size < kSmallBlobBytes;
-        netio::Semaphore& sem = small ? small_fill_sem_ : fill_sem_;
-        co_await sem.acquire(small ? b.size : std::numeric_limits<uint64_t>::max() - b.size);
+        netio::Semaphore& sem = small && !source_capped_ ? small_fill_sem_ : fill_sem_;
+        const bool largest_first = !small && !source_capped_;
+        co_await sem.acquire(largest_first ? std::numeric_limits<uint64_t>::max() - b.size : b.size);
         netio::Semaphore::Permit permit(&sem);
         const bool large = b.size >= opts_.range_threshold_bytes;
         ++fills_active_;
@@ -880,7 +885,8 @@ private:
     // requests (4x jobs: tag lists are small, and a namespace's are fetched in one round trip);
     // artifacts in flight (8x jobs; bounds memory: manifests and coroutine frames, and
     // requests for manifests/HEADs); blobs in flight to targets (2x jobs); downloads from the
-    // source (jobs, and jobs more for blobs under kSmallBlobBytes). A blob's download is started before its upload waits for a blob permit, and
+    // source (jobs, and jobs more for blobs under kSmallBlobBytes unless the source is capped).
+    // A blob's download is started before its upload waits for a blob permit, and
     // uploads trail their downloads: the artifacts in flight are enough that a capped or slow
     // target never leaves the source idle. An artifact waiting for another one's upload of a
     // shared blob holds an artifact permit, never a blob one; a download never waits for an upload.
@@ -889,6 +895,7 @@ private:
     netio::Semaphore blob_sem_;
     netio::Semaphore fill_sem_;
     netio::Semaphore small_fill_sem_;  // downloads of blobs under kSmallBlobBytes
+    bool source_capped_ = false;       // --bandwidth, or a shared link with a cap
     static constexpr uint64_t kSmallBlobBytes = 1u << 20;
     std::unique_ptr<RegistryClient> source_;
     std::vector<std::unique_ptr<Target>> targets_;
