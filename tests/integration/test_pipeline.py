@@ -864,26 +864,24 @@ class PipelineTest(unittest.TestCase):
                         f"small {[(round(e.start, 3), round(e.t, 3)) for e in small_gets]}" + run.describe())
 
     # -- 12 ----------------------------------------------------------------
-    def test_large_blobs_fetched_largest_first(self):
-        """Large blobs wait for a download permit largest first, so a run does not end on a big
-        blob fetched alone: with `--jobs 1` through a 30 ms link, an image's 2, 3, 4 and 5 MiB
-        layers are fetched one at a time, and after the first (whichever asked first) the others
-        come in decreasing size."""
+    def _large_layer_order(self, name, *args):
+        """Mirrors an image of 2, 3, 4 and 5 MiB layers with `--jobs 1` through a 30 ms link
+        (so they are fetched one at a time); returns the layer sizes in the order fetched."""
         wanem = wanem_binary()
         if wanem is None:
             self.skipTest("the WAN emulator is not built (tests/tools/wanem; set WANEM_BIN)")
-        src = self.start_registry("lpt-src")
-        tgt = self.start_registry("lpt-tgt")
+        src = self.start_registry(f"{name}-src")
+        tgt = self.start_registry(f"{name}-tgt")
         b = corpus.Builder(seed=4343)
-        sizes = {f"lpt-{n}": n * MiB for n in (2, 3, 4, 5)}
-        m = b.image("lpt", list(sizes), sizes=sizes)
-        corpus.push_manifest_tree(src.client(), "lpt/app", m, "v1")
+        sizes = {f"{name}-{n}": n * MiB for n in (2, 3, 4, 5)}
+        m = b.image(name, list(sizes), sizes=sizes)
+        corpus.push_manifest_tree(src.client(), f"{name}/app", m, "v1")
         size_of = {x.digest: len(x.data) for x in m.blobs}
         wan = Wanem(wanem, src.host, ["--delay-ms", "30", "--conn-rate", "100Mbit"]).start()
         self.addCleanup(wan.stop)
         mark = log_mark(src)
-        run = crossdock("mirror", f"{wan.host}/lpt", f"{tgt.host}/dst", "--insecure", "--json",
-                        "--jobs", "1", timeout=120)
+        run = crossdock("mirror", f"{wan.host}/{name}", f"{tgt.host}/dst", "--insecure", "--json",
+                        "--jobs", "1", *args, timeout=120)
         self.assertExit(run, 0)
         self.assertEqual(check.missing_content(tgt.client(), "dst/app", "v1"), [], run.describe())
         gets = sorted((e for e in completed(src, mark) if e.method == "GET" and "/blobs/sha256:" in e.uri),
@@ -891,9 +889,21 @@ class PipelineTest(unittest.TestCase):
         large = [size_of[d] for e in gets for d in size_of if d in e.uri and size_of[d] >= MiB]
         self.assertEqual(sorted(large), sorted(v for v in size_of.values() if v >= MiB),
                          f"GETs of the large layers: {gets}")
+        return large, run
+
+    def test_large_blobs_fetched_largest_first(self):
+        """Large blobs wait for a download permit largest first, so a run does not end on a big
+        blob fetched alone: after the first (whichever asked first) they come in decreasing size."""
+        large, run = self._large_layer_order("lpt")
         self.assertEqual(large[1:], sorted(large[1:], reverse=True),
                          f"large layers fetched in the order {[round(x / MiB, 1) for x in large]} MiB" + run.describe())
 
+    def test_capped_source_fetches_smallest_first(self):
+        """Under --bandwidth the cap sets the pace, and smallest first keeps fewer multi-stream
+        downloads open (less data in flight past a pause): after the first, increasing size."""
+        large, run = self._large_layer_order("capped", "--bandwidth", "400Mbit")
+        self.assertEqual(large[1:], sorted(large[1:]),
+                         f"large layers fetched in the order {[round(x / MiB, 1) for x in large]} MiB" + run.describe())
 
 if __name__ == "__main__":
     unittest.main()
