@@ -251,19 +251,13 @@ TEST_F(BlobStoreTest, DropRemovesACommittedBlobNobodyHolds) {
     ASSERT_TRUE(a.ok()) << a.error().message;
     BlobRef b = a->blob;
     EXPECT_FALSE(store.drop(digest));  // being filled
-    Stream s;
-    s.blob = b;
-    s.content = &content;
-    s.end = content.size();
-    s.max_piece = 100 * 1024;
-    s.next();
+    ASSERT_TRUE(write_sync(b, 0, content).ok());
     ASSERT_TRUE(wait_not_partial(b));
     ASSERT_EQ(b->state(), BlobState::committed) << b->error().message;
     EXPECT_FALSE(store.drop(digest));  // still held
     EXPECT_TRUE(fs::exists(blob_path(digest)));
     a = netio::Error::make("released");
     b.reset();
-    s.blob.reset();
     EXPECT_TRUE(store.drop(digest));
     EXPECT_FALSE(fs::exists(blob_path(digest)));
     EXPECT_EQ(store.used_bytes(), 0u);
