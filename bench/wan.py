@@ -49,7 +49,6 @@ import datetime
 import json
 import os
 import re
-import selectors
 import shlex
 import shutil
 import signal
@@ -71,6 +70,7 @@ import bigcorpus  # noqa: E402
 import check  # noqa: E402
 import registry  # noqa: E402
 from corpus import Builder, push_manifest_tree  # noqa: E402
+import wanemproc  # noqa: E402
 
 MiB = e2e.MiB
 SRC_NS = e2e.SRC_NS          # bench-src
@@ -162,25 +162,10 @@ class Wanem:
         with open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=err)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        line = b""
-        deadline = time.monotonic() + 10
-        while not line.endswith(b"\n") and time.monotonic() < deadline:
-            if not sel.select(timeout=0.5):
-                if self.proc.poll() is not None:
-                    break
-                continue
-            ch = os.read(self.proc.stdout.fileno(), 256)
-            if not ch:
-                break
-            line += ch
-        sel.close()
-        m = re.match(rb"listening (127\.0\.0\.1:\d+)", line)
-        if not m:
+        self.host = wanemproc.listening_address(self.proc)
+        if self.host is None:
             self.stop()
-            raise RuntimeError(f"wanem did not start: {line!r}; stderr: {open(self.err_path).read()[-500:]}")
-        self.host = m.group(1).decode()
+            raise RuntimeError(f"wanem did not start; stderr: {open(self.err_path).read()[-500:]}")
         return self
 
     @property

@@ -59,6 +59,7 @@ import corpus  # noqa: E402
 from pipeproxy import PipeProxy  # noqa: E402
 from proxy import Fault, FaultProxy  # noqa: E402
 from registry import Registry, no_proxy_opener  # noqa: E402
+import wanemproc  # noqa: E402
 
 CROSSDOCK = os.environ.get("CROSSDOCK_BIN") or os.path.join(
     HERE, "..", "..", "build", "tools", "crossdock")
@@ -144,33 +145,12 @@ class Wanem:
         self.host = None
 
     def start(self, timeout=10.0):
-        import selectors
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        line = b""
-        deadline = time.monotonic() + timeout
-        try:
-            for _ in range(int(timeout / 0.2) + 10):
-                if line.endswith(b"\n") or time.monotonic() >= deadline:
-                    break
-                if not sel.select(timeout=0.2):
-                    if self.proc.poll() is not None:
-                        break
-                    continue
-                chunk = os.read(self.proc.stdout.fileno(), 256)
-                if not chunk:
-                    break
-                line += chunk
-        finally:
-            sel.close()
-        m = re.match(rb"listening (127\.0\.0\.1:\d+)", line)
-        if not m:
+        self.host = wanemproc.listening_address(self.proc, timeout)
+        if self.host is None:
             err = self.stop()
-            raise RuntimeError(f"wanem did not start ({' '.join(self.cmd)}): stdout {line!r}, "
-                               f"stderr {err[-500:]!r}")
-        self.host = m.group(1).decode()
+            raise RuntimeError(f"wanem did not start ({' '.join(self.cmd)}): stderr {err[-500:]!r}")
         return self
 
     def stop(self):
