@@ -419,6 +419,19 @@ class Registry:
             p.wait(timeout=STOP_TIMEOUT)
 
 
+def start_filled(name, fill):
+    """A started Registry named `name`, and what fill(its client) returned. If fill raises, the
+    registry is stopped before the exception goes on: a setUpModule that fails gets no
+    tearDownModule to stop it."""
+    reg = Registry(name=name)
+    reg.start()
+    try:
+        return reg, fill(reg.client())
+    except BaseException:
+        reg.stop()
+        raise
+
+
 if __name__ == "__main__":
     # Manual use: start a registry and keep it running until Ctrl-C.
     import argparse

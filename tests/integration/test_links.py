@@ -46,7 +46,7 @@ import cdenv  # noqa: E402
 import check  # noqa: E402
 import daemonenv  # noqa: E402
 from daemonenv import CROSSDOCK, TERMINAL, MiB  # noqa: E402
-from registry import Registry  # noqa: E402
+from registry import start_filled  # noqa: E402
 
 RATE = 20 * MiB            # the link cap, bytes/s
 SAMPLE = 0.2               # seconds between progress samples
@@ -79,15 +79,9 @@ def setUpModule():
     if not (os.path.isfile(CROSSDOCK) and os.access(CROSSDOCK, os.X_OK)):
         raise RuntimeError(f"crossdock binary not found at {CROSSDOCK} "
                            "(build it, or set CROSSDOCK_BIN)")
-    SOURCE = Registry(name="links-src")
-    SOURCE.start()
-    try:
-        client = SOURCE.client()
-        for ns, seed in (("la", 101), ("lb", 202)):
-            CORPORA[ns] = bigcorpus.generate(client, spec(ns, seed))
-    except BaseException:
-        SOURCE.stop()
-        raise
+    SOURCE, made = start_filled("links-src", lambda client: {
+        ns: bigcorpus.generate(client, spec(ns, seed)) for ns, seed in (("la", 101), ("lb", 202))})
+    CORPORA.update(made)
 
 
 def tearDownModule():

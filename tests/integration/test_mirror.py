@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import check  # noqa: E402
 import corpus  # noqa: E402
 from proxy import VanishingProxy  # noqa: E402
-from registry import Registry  # noqa: E402
+from registry import Registry, start_filled  # noqa: E402
 
 CROSSDOCK = os.environ.get("CROSSDOCK_BIN") or os.path.join(
     HERE, "..", "..", "build", "tools", "crossdock")
@@ -122,13 +122,7 @@ def setUpModule():
     if not (os.path.isfile(CROSSDOCK) and os.access(CROSSDOCK, os.X_OK)):
         raise RuntimeError(f"crossdock binary not found at {CROSSDOCK} "
                            "(build it, or set CROSSDOCK_BIN)")
-    SOURCE = Registry(name="src")
-    SOURCE.start()
-    try:
-        CORPUS = corpus.push_corpus(SOURCE.client(), SRC_NS)
-    except BaseException:
-        SOURCE.stop()
-        raise
+    SOURCE, CORPUS = start_filled("src", lambda client: corpus.push_corpus(client, SRC_NS))
 
 
 def tearDownModule():

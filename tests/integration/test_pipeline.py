@@ -58,7 +58,7 @@ import check  # noqa: E402
 import corpus  # noqa: E402
 from pipeproxy import PipeProxy  # noqa: E402
 from proxy import Fault, FaultProxy  # noqa: E402
-from registry import Registry, no_proxy_opener  # noqa: E402
+from registry import Registry, no_proxy_opener, start_filled  # noqa: E402
 import wanemproc  # noqa: E402
 
 CROSSDOCK = os.environ.get("CROSSDOCK_BIN") or os.path.join(
@@ -350,19 +350,16 @@ def setUpModule():
     if not (os.path.isfile(CROSSDOCK) and os.access(CROSSDOCK, os.X_OK)):
         raise RuntimeError(f"crossdock binary not found at {CROSSDOCK} "
                            "(build it, or set CROSSDOCK_BIN)")
-    SOURCE = Registry(name="pipe-src")
-    SOURCE.start()
-    try:
-        client = SOURCE.client()
+    def fill(client):
         b = corpus.Builder(seed=777)
-        ONE = _push_image(client, b, "one", "one", BIG_SIZE)
-        KILL = _push_image(client, b, "kill", "kill", KILL_SIZE)
+        one = _push_image(client, b, "one", "one", BIG_SIZE)
+        kill = _push_image(client, b, "kill", "kill", KILL_SIZE)
         b._layers.clear()
-        CORP = corpus.build_corpus("corp", big=True, big_size=CORP_BIG_SIZE, outside=False)
-        CORP.push(client)
-    except BaseException:
-        SOURCE.stop()
-        raise
+        corp = corpus.build_corpus("corp", big=True, big_size=CORP_BIG_SIZE, outside=False)
+        corp.push(client)
+        return one, kill, corp
+
+    SOURCE, (ONE, KILL, CORP) = start_filled("pipe-src", fill)
 
 
 def tearDownModule():
